@@ -1,0 +1,72 @@
+"""The retry policy: which outcomes are retried and how long to wait. No I/O here.
+
+Immutable (urllib3's ``Retry`` is the model): ``delay(attempt, retry_after)`` computes
+the wait before retry number ``attempt`` (1-based) as capped exponential backoff with
+full jitter, or the server's ``Retry-After`` capped at ``max_retry_after``. The caller
+owns the clock and the per-batch time budget; ``fits(delay, remaining)`` tells it
+whether a retry can still happen inside that budget. Durations are seconds.
+
+Classification: any 2xx is success; 408, 429, 5xx, timeouts and connection failures
+are retried; every other status is final (retrying a 400 only makes duplicates).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Callable, Optional
+
+RETRYABLE_STATUSES = frozenset({408, 429})
+
+
+def is_success(status: int) -> bool:
+    return 200 <= status < 300
+
+
+def is_retryable(status: int) -> bool:
+    return status in RETRYABLE_STATUSES or status >= 500
+
+
+def parse_retry_after(raw: Optional[str]) -> Optional[float]:
+    """Seconds from a ``Retry-After`` header (delta-seconds or HTTP date)."""
+    if not raw:
+        return None
+    raw = raw.strip()
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        pass
+    import email.utils
+    import time
+
+    try:
+        when = email.utils.parsedate_to_datetime(raw)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff settings. ``max_retries`` counts retries after the first attempt."""
+
+    max_retries: int = 10
+    budget: float = 20.0
+    backoff_base: float = 0.25
+    backoff_cap: float = 8.0
+    max_retry_after: float = 30.0
+    rand: Callable[[], float] = dataclasses.field(default=random.random, compare=False)
+
+    def delay(self, attempt: int, retry_after: Optional[float] = None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.max_retry_after)
+        ceiling = min(self.backoff_cap, self.backoff_base * (2 ** (attempt - 1)))
+        # Full jitter keeps N workers that failed together from retrying together.
+        return ceiling * (0.5 + 0.5 * self.rand())
+
+    def allows(self, attempt: int) -> bool:
+        return attempt <= self.max_retries
+
+    @staticmethod
+    def fits(delay: float, remaining: float) -> bool:
+        return delay <= remaining

@@ -1,0 +1,6 @@
+"""The library's version, in one place (read by the User-Agent and ``context.library``)."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+LIBRARY_NAME = "cdpmp"

@@ -1,0 +1,183 @@
+"""The ``cdpmp`` command: ``demo``, ``collector``, ``track``.
+
+Write keys are read from ``--write-key-file`` or ``CDP_WRITE_KEY`` by preference:
+``--write-key`` works too, but a process's argv is visible to every user of the host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import decimal
+import json
+import os
+import sys
+import time
+import uuid
+from typing import Any, Dict, List, Optional, Sequence
+
+from . import __version__
+
+
+def _read_key(args: argparse.Namespace) -> Optional[str]:
+    if args.write_key_file:
+        with open(args.write_key_file, encoding="utf-8") as fh:
+            return fh.read().strip()
+    return args.write_key or os.environ.get("CDP_WRITE_KEY")
+
+
+def _demo_events(analytics: Any, worker: int, count: int) -> int:
+    """Track a realistic mix; returns how many calls returned success."""
+    ok = 0
+    user = f"user-{worker}"
+    calls = [
+        lambda: analytics.identify(user, {"email": f"{user}@example.com", "plan": "pro",
+                                          "created_at": _dt.datetime(2024, 5, 1, 12, 0)}),
+        lambda: analytics.group(user, "acme", {"name": "Acme", "object_type_id": "1"}),
+        lambda: analytics.page(user, "Docs", "Quick start", {"path": "/docs"}),
+        lambda: analytics.screen(user, "App", "Settings"),
+        lambda: analytics.alias(f"anon-{worker}", user),
+    ]
+    for call in calls:
+        ok += call()[0]
+    for i in range(max(0, count - len(calls))):
+        success, _ = analytics.track(
+            user_id=user, event="Order Completed",
+            properties={"order": i, "total": decimal.Decimal("19.99"), "sku": uuid.uuid4(),
+                        "tags": {"demo"}, "at": _dt.date.today()},
+        )
+        ok += success
+    return ok
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from . import analytics
+    from .testing import Collector
+
+    with Collector(write_key="demo-key") as collector:
+        analytics.write_key = collector.write_key
+        analytics.endpoint = collector.url
+        if args.mode:
+            os.environ["CDP_MODE"] = args.mode
+        print(f"cdpmp {__version__} demo: collector on {collector.url}, "
+              f"{args.workers or 1} process(es) x {args.events} events, mode={args.mode or 'direct'}")
+        # The master tracks before forking, as a --preload app would.
+        accepted = analytics.track(user_id="master", event="Server Started")[0]
+        oversize = analytics.track(user_id="master", event="Too Big", properties={"blob": "x" * 40000})
+        print(f"  oversize message: accepted={oversize[0]} (rejected, counted, never raised)")
+        if args.workers:
+            accepted += _fork_workers(analytics, args.workers, args.events)
+        else:
+            accepted += _demo_events(analytics, 0, args.events)
+        drained = analytics.flush(timeout=30)
+        collector.wait_for(accepted, timeout=30)
+        summary = collector.summary()
+        stats = analytics.stats()
+    print(f"  accepted by track()/identify()/...: {accepted}")
+    print(f"  collector received: {summary['messages']} messages ({summary['unique']} unique, "
+          f"{summary['duplicates']} duplicates) in {summary['requests']} requests {summary['statuses']}")
+    print(f"  by type: {summary['types']}")
+    print(f"  this process: sent={stats['sent']} batches={stats['batches']} dropped={stats['dropped']}")
+    ok = drained and summary["unique"] == accepted and summary["duplicates"] == 0
+    print("  result:", "all events arrived exactly once" if ok else "MISMATCH")
+    return 0 if ok else 1
+
+
+def _fork_workers(analytics: Any, workers: int, events: int) -> int:
+    pids: List[int] = []
+    for worker in range(1, workers + 1):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            code = 1
+            try:
+                sent = _demo_events(analytics, worker, events)
+                code = 0 if sent == events and analytics.shutdown(timeout=20) else 1
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    deadline = time.monotonic() + 60
+    failures = 0
+    for pid in pids:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                failures += os.waitstatus_to_exitcode(status) != 0
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                failures += 1
+                break
+            time.sleep(0.05)
+    print(f"  {workers} forked workers finished ({failures} failed)")
+    return (workers - failures) * events
+
+
+def cmd_collector(args: argparse.Namespace) -> int:
+    from .testing import Collector
+
+    def show(msg: Dict[str, Any]) -> None:
+        print(json.dumps(msg, sort_keys=True), flush=True)
+
+    key = _read_key(args) or "test-write-key"
+    with Collector(write_key=key, port=args.port, on_message=show) as collector:
+        print(f"collector listening on {collector.url} (POST /v1/batch); Ctrl-C stops", flush=True)
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            print(json.dumps(collector.summary()), flush=True)
+    return 0
+
+
+def cmd_track(args: argparse.Namespace) -> int:
+    from .client import Client
+
+    key = _read_key(args)
+    if not key:
+        print("cdpmp track: no write key (use --write-key-file or CDP_WRITE_KEY)", file=sys.stderr)
+        return 2
+    properties = json.loads(args.properties) if args.properties else None
+    client = Client(key, endpoint=args.endpoint, sync_mode=True)
+    ok, msg = client.track(user_id=args.user_id, anonymous_id=args.anonymous_id,
+                           event=args.event, properties=properties)
+    print(f"{'sent' if ok else 'FAILED'}: messageId={msg['messageId']}")
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cdpmp", description="Customer.io Data Pipelines client tools.")
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="send a realistic mix of events to an embedded local collector "
+                                       "and show what arrived")
+    demo.add_argument("--workers", type=int, default=0, help="fork N worker processes (default: none)")
+    demo.add_argument("--events", type=int, default=50, help="events per process (default 50)")
+    demo.add_argument("--mode", choices=["direct", "shared"], default=None, help="delivery mode")
+    demo.set_defaults(func=cmd_demo)
+
+    col = sub.add_parser("collector", help="run the strict local collector and print each message")
+    col.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: ephemeral)")
+    col.add_argument("--write-key", help="key the collector accepts (prefer CDP_WRITE_KEY)")
+    col.add_argument("--write-key-file", help="file holding the key")
+    col.set_defaults(func=cmd_collector)
+
+    track = sub.add_parser("track", help="send one track event (inline, with retries)")
+    track.add_argument("--write-key", help="write key (visible in argv; prefer CDP_WRITE_KEY)")
+    track.add_argument("--write-key-file", help="file holding the write key")
+    track.add_argument("--endpoint", help="override the endpoint (default: from the key's region)")
+    track.add_argument("--user-id")
+    track.add_argument("--anonymous-id")
+    track.add_argument("--event", required=True)
+    track.add_argument("--properties", help="JSON object")
+    track.set_defaults(func=cmd_track)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

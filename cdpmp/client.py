@@ -1,0 +1,303 @@
+"""``Client``: validates a call, builds its message once, hands it to a sink.
+
+A thin public class over the engines in ``_sink``: it resolves settings, picks the
+sink for the mode, and turns the six calls of the Pipelines API into wire messages.
+Data-dependent rejections (a message over 32 KiB, a value even ``str()`` refuses, a
+full queue) never raise into the caller: they return ``(False, msg)``, are counted,
+logged (rate-limited) and reported to ``on_error``. Wrong argument types raise
+:class:`~cdpmp.errors.InvalidArgumentType` naming the argument.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, Optional, Tuple
+
+from . import _fork
+from ._message import (
+    MAX_MESSAGE_BYTES,
+    format_timestamp,
+    identifier,
+    mapping,
+    new_message_id,
+    now_iso,
+    serialize,
+    text,
+)
+from ._report import Counters, Reporter
+from ._settings import OnError, Settings, resolve
+from ._sink import DirectSink, Sink, SyncSink
+from ._version import LIBRARY_NAME, __version__
+from .errors import MessageRejected, MissingIdentity
+
+logger = logging.getLogger("cdpmp")
+
+DEFAULT_FLUSH_TIMEOUT = 30.0  # seconds flush()/join()/shutdown() wait when not told
+LIBRARY = {"name": LIBRARY_NAME, "version": __version__}
+Result = Tuple[bool, Dict[str, Any]]
+
+
+class Client:
+    """One Customer.io Data Pipelines source. Same options and defaults as the
+    official ``customerio.analytics.Client``; extra options are keyword-only.
+
+    Options left as ``None`` are read from the environment (``CDP_*``, see
+    ``cdpmp._settings``) and otherwise take the official defaults.
+    """
+
+    def __init__(
+        self,
+        write_key: Optional[str] = None,
+        host: Optional[str] = None,
+        debug: Optional[bool] = None,
+        max_queue_size: Optional[int] = None,
+        send: bool = True,
+        on_error: Optional[OnError] = None,
+        gzip: Optional[bool] = None,
+        max_retries: int = 10,
+        sync_mode: bool = False,
+        timeout: Optional[float] = None,
+        proxies: Optional[Dict[str, str]] = None,
+        thread: int = 1,
+        upload_size: Optional[int] = None,
+        upload_interval: Optional[float] = None,
+        *,
+        endpoint: Optional[str] = None,
+        retry_budget: Optional[float] = None,
+        exit_timeout: Optional[float] = None,
+        mode: Optional[str] = None,
+    ) -> None:
+        # ``thread`` is accepted for compatibility: one consumer per process is
+        # always enough (it is network-bound), more only compete for the GIL.
+        del thread
+        self.settings: Settings = resolve(
+            write_key,
+            endpoint=endpoint,
+            host=host,
+            debug=debug,
+            send=send,
+            on_error=on_error,
+            sync_mode=sync_mode,
+            gzip=gzip,
+            max_queue_size=max_queue_size,
+            upload_size=upload_size,
+            upload_interval=upload_interval,
+            timeout=timeout,
+            max_retries=max_retries,
+            proxies=proxies,
+            retry_budget=retry_budget,
+            exit_timeout=exit_timeout,
+            mode=mode,
+        )
+        if self.settings.debug:
+            logger.setLevel(logging.DEBUG)
+        self._counters = Counters()
+        self._reporter = Reporter(self.settings.on_error)
+        self._sink: Sink = self._make_sink()
+        _fork.register(self)
+
+    def _make_sink(self) -> Sink:
+        if self.settings.sync_mode:
+            return SyncSink(self.settings, self._counters, self._reporter)
+        return DirectSink(self.settings, self._counters, self._reporter)
+
+    def __repr__(self) -> str:
+        return f"<cdpmp.Client endpoint={self.settings.endpoint!r} mode={self.settings.mode!r}>"
+
+    # -- the six calls -------------------------------------------------------------
+
+    def identify(
+        self,
+        user_id: Any = None,
+        traits: Optional[Dict[str, Any]] = None,
+        context: Optional[Dict[str, Any]] = None,
+        timestamp: Any = None,
+        anonymous_id: Any = None,
+        integrations: Optional[Dict[str, Any]] = None,
+        message_id: Any = None,
+    ) -> Result:
+        msg = self._base("identify", user_id, anonymous_id, context, timestamp, integrations, message_id)
+        msg["traits"] = mapping("traits", traits)
+        return self._enqueue(msg)
+
+    def track(
+        self,
+        user_id: Any = None,
+        event: Optional[str] = None,
+        properties: Optional[Dict[str, Any]] = None,
+        context: Optional[Dict[str, Any]] = None,
+        timestamp: Any = None,
+        anonymous_id: Any = None,
+        integrations: Optional[Dict[str, Any]] = None,
+        message_id: Any = None,
+    ) -> Result:
+        msg = self._base("track", user_id, anonymous_id, context, timestamp, integrations, message_id)
+        msg["event"] = text("event", event, required=True)
+        msg["properties"] = mapping("properties", properties)
+        return self._enqueue(msg)
+
+    def alias(
+        self,
+        previous_id: Any = None,
+        user_id: Any = None,
+        context: Optional[Dict[str, Any]] = None,
+        timestamp: Any = None,
+        integrations: Optional[Dict[str, Any]] = None,
+        message_id: Any = None,
+    ) -> Result:
+        previous = identifier("previous_id", previous_id)
+        if previous is None:
+            raise MissingIdentity.for_argument("previous_id")
+        if user_id is None:
+            raise MissingIdentity.for_argument("user_id")
+        msg = self._base("alias", user_id, None, context, timestamp, integrations, message_id)
+        msg["previousId"] = previous
+        return self._enqueue(msg)
+
+    def group(
+        self,
+        user_id: Any = None,
+        group_id: Any = None,
+        traits: Optional[Dict[str, Any]] = None,
+        context: Optional[Dict[str, Any]] = None,
+        timestamp: Any = None,
+        anonymous_id: Any = None,
+        integrations: Optional[Dict[str, Any]] = None,
+        message_id: Any = None,
+        object_type_id: Any = None,
+    ) -> Result:
+        group = identifier("group_id", group_id)
+        if group is None:
+            raise MissingIdentity.for_argument("group_id")
+        msg = self._base(
+            "group", user_id, anonymous_id, context, timestamp, integrations, message_id, identity=False
+        )
+        msg["groupId"] = group
+        group_traits = mapping("traits", traits)
+        msg["traits"] = group_traits
+        if object_type_id is None:
+            object_type_id = group_traits.get("object_type_id")
+        object_type = identifier("object_type_id", object_type_id)
+        if object_type is not None:
+            msg["objectTypeId"] = object_type
+        return self._enqueue(msg)
+
+    def page(
+        self,
+        user_id: Any = None,
+        category: Optional[str] = None,
+        name: Optional[str] = None,
+        properties: Optional[Dict[str, Any]] = None,
+        context: Optional[Dict[str, Any]] = None,
+        timestamp: Any = None,
+        anonymous_id: Any = None,
+        integrations: Optional[Dict[str, Any]] = None,
+        message_id: Any = None,
+    ) -> Result:
+        return self._view("page", user_id, category, name, properties, context, timestamp,
+                          anonymous_id, integrations, message_id)
+
+    def screen(
+        self,
+        user_id: Any = None,
+        category: Optional[str] = None,
+        name: Optional[str] = None,
+        properties: Optional[Dict[str, Any]] = None,
+        context: Optional[Dict[str, Any]] = None,
+        timestamp: Any = None,
+        anonymous_id: Any = None,
+        integrations: Optional[Dict[str, Any]] = None,
+        message_id: Any = None,
+    ) -> Result:
+        return self._view("screen", user_id, category, name, properties, context, timestamp,
+                          anonymous_id, integrations, message_id)
+
+    def _view(self, kind: str, user_id: Any, category: Any, name: Any, properties: Any,
+              context: Any, timestamp: Any, anonymous_id: Any, integrations: Any,
+              message_id: Any) -> Result:
+        msg = self._base(kind, user_id, anonymous_id, context, timestamp, integrations, message_id)
+        msg["name"] = text("name", name, required=False)
+        msg["category"] = text("category", category, required=False)
+        msg["properties"] = mapping("properties", properties)
+        return self._enqueue(msg)
+
+    # -- building and queueing -----------------------------------------------------
+
+    def _base(self, kind: str, user_id: Any, anonymous_id: Any, context: Any, timestamp: Any,
+              integrations: Any, message_id: Any, identity: bool = True) -> Dict[str, Any]:
+        uid = identifier("user_id", user_id)
+        aid = identifier("anonymous_id", anonymous_id)
+        if identity and uid is None and aid is None:
+            raise MissingIdentity()
+        ctx = mapping("context", context)
+        if message_id is None:
+            mid = new_message_id()
+        else:
+            mid = identifier("message_id", message_id)
+            if not mid:
+                raise MissingIdentity.for_argument("message_id")
+        msg: Dict[str, Any] = {
+            "type": kind,
+            "messageId": mid,
+            "timestamp": now_iso() if timestamp is None else format_timestamp(timestamp),
+            # A new dict: the caller's context is never mutated.
+            "context": {**ctx, "library": LIBRARY} if ctx else {"library": LIBRARY},
+            "integrations": mapping("integrations", integrations),
+        }
+        if uid is not None:
+            msg["userId"] = uid
+        if aid is not None:
+            msg["anonymousId"] = aid
+        return msg
+
+    def _enqueue(self, msg: Dict[str, Any]) -> Result:
+        try:
+            data = serialize(msg)
+        except Exception as exc:  # noqa: BLE001 - str() of a user object may raise anything
+            return self._reject(msg, "unserializable", f"{type(exc).__name__} while encoding")
+        if len(data) > MAX_MESSAGE_BYTES:
+            return self._reject(msg, "oversize", f"{len(data)} bytes > {MAX_MESSAGE_BYTES} limit")
+        if not self.settings.send:
+            return True, msg
+        return self._sink.put(data), msg
+
+    def _reject(self, msg: Dict[str, Any], reason: str, detail: str) -> Result:
+        self._counters.drop(reason)
+        self._reporter.report(MessageRejected(reason, detail), [msg])
+        return False, msg
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Send everything queued; wait at most ``timeout`` seconds (default 30).
+        Returns True when the queue drained."""
+        return self._sink.flush(DEFAULT_FLUSH_TIMEOUT if timeout is None else timeout)
+
+    def shutdown(self, timeout: Optional[float] = None) -> bool:
+        """Flush within ``timeout`` seconds, then stop the consumer. What is still
+        queued at the deadline is counted as ``dropped['shutdown']`` and reported to
+        ``on_error``. A later call restarts the consumer. Returns True if drained."""
+        return self._sink.shutdown(DEFAULT_FLUSH_TIMEOUT if timeout is None else timeout)
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        """The official client's ``join``: here the same as :meth:`shutdown` (it also
+        drains the queue instead of finishing only the batch in flight)."""
+        return self.shutdown(timeout)
+
+    def stats(self) -> Dict[str, Any]:
+        """Cheap counters for this client in this process."""
+        snapshot = self._counters.snapshot()
+        transport = getattr(self._sink, "transport", None)
+        snapshot.update(
+            mode="sync" if self.settings.sync_mode else self.settings.mode,
+            pid=os.getpid(),
+            depth=self._sink.depth(),
+            retries=getattr(transport, "retries", 0),
+            requests=getattr(transport, "requests", 0),
+            last_error=self._reporter.last_error,
+        )
+        return snapshot
+
+    def _reset_after_fork(self) -> None:
+        self._sink.reset_after_fork()

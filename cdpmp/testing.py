@@ -1,0 +1,347 @@
+"""The strict local collector: a real ``/v1/batch`` endpoint on 127.0.0.1 for tests.
+
+It checks what the real service checks (auth scheme and key, gzip, the 32 KiB message
+and 500 KB request limits, the message schema), records every request and every
+accepted message, counts duplicates by ``messageId``, and can be scripted with faults
+(status sequences, ``Retry-After``, delays, dropped connections). cdpmp's own tests
+use it; users get it through the ``cdp_collector`` pytest fixture and as
+``cdpmp collector`` on the command line.
+
+Example::
+
+    with Collector(write_key="test") as collector:
+        client = Client("test", endpoint=collector.url)
+        client.track(user_id="u1", event="Signed Up")
+        client.flush()
+        assert collector.wait_for(1)
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import dataclasses
+import gzip
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
+
+import orjson
+from dateutil.parser import isoparse
+
+from ._settings import _REGION_KEY
+
+MAX_MESSAGE_BYTES = 32 * 1024
+MAX_REQUEST_BYTES = 500_000
+TYPES = ("identify", "track", "page", "screen", "group", "alias")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    """One scripted answer. ``status`` None means "process normally".
+
+    ``accept`` records the batch as delivered even though an error (or nothing, with
+    ``drop_connection``/``delay``) is answered: the "processed, response lost" case that
+    makes a correct client resend, so the test can count the duplicates.
+    """
+
+    status: Optional[int] = None
+    retry_after: Optional[str] = None
+    delay: float = 0.0
+    drop_connection: bool = False
+    accept: bool = False
+    body: Optional[bytes] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestRecord:
+    status: int  # 0 when the connection was dropped
+    auth_scheme: str
+    user_agent: str
+    content_encoding: str
+    body_bytes: int
+    messages: int
+    error: str = ""
+
+
+class SchemaError(ValueError):
+    pass
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise SchemaError(message)
+
+
+def _is_str(value: object) -> bool:
+    return isinstance(value, str) and bool(value)
+
+
+def _check_time(value: object, field: str) -> None:
+    _require(isinstance(value, str), f"{field} must be a string")
+    try:
+        parsed = isoparse(str(value))
+    except ValueError:
+        raise SchemaError(f"{field} is not ISO-8601") from None
+    _require(parsed.tzinfo is not None, f"{field} has no UTC offset")
+
+
+def validate_message(msg: Any) -> None:
+    """Raise :class:`SchemaError` unless ``msg`` is a valid Pipelines message."""
+    _require(isinstance(msg, dict), "message is not an object")
+    kind = msg.get("type")
+    _require(kind in TYPES, f"unknown type {kind!r}")
+    _require(_is_str(msg.get("messageId")), "messageId missing")
+    _check_time(msg.get("timestamp"), "timestamp")
+    context = msg.get("context")
+    _require(isinstance(context, dict), "context missing")
+    library = context.get("library")
+    _require(
+        isinstance(library, dict) and _is_str(library.get("name")) and _is_str(library.get("version")),
+        "context.library {name, version} missing",
+    )
+    _require(isinstance(msg.get("integrations", {}), dict), "integrations must be an object")
+    for field in ("userId", "anonymousId"):
+        _require(field not in msg or _is_str(msg[field]), f"{field} must be a non-empty string")
+    if kind in ("identify", "track", "page", "screen"):
+        _require("userId" in msg or "anonymousId" in msg, "userId or anonymousId required")
+    if kind == "track":
+        _require(_is_str(msg.get("event")), "event missing")
+    if kind in ("track", "page", "screen"):
+        _require(isinstance(msg.get("properties", {}), dict), "properties must be an object")
+    if kind in ("page", "screen"):
+        for field in ("name", "category"):
+            _require(msg.get(field) is None or isinstance(msg[field], str), f"{field} must be a string")
+    if kind in ("identify", "group"):
+        _require(isinstance(msg.get("traits", {}), dict), "traits must be an object")
+    if kind == "group":
+        _require(_is_str(msg.get("groupId")), "groupId missing")
+        _require("objectTypeId" not in msg or _is_str(msg["objectTypeId"]), "objectTypeId must be a string")
+    if kind == "alias":
+        _require(_is_str(msg.get("previousId")) and _is_str(msg.get("userId")), "previousId and userId required")
+
+
+def expected_authorization(write_key: str) -> str:
+    if _REGION_KEY.match(write_key):
+        return "Bearer " + write_key
+    return "Basic " + base64.b64encode((write_key + ":").encode()).decode()
+
+
+class Collector:
+    """A strict ``POST /v1/batch`` server on 127.0.0.1 (ephemeral port by default)."""
+
+    def __init__(
+        self,
+        write_key: str = "test-write-key",
+        port: int = 0,
+        on_message: Optional[Callable[[Dict[str, Any]], None]] = None,
+    ) -> None:
+        self.write_key = write_key
+        self._authorization = expected_authorization(write_key)
+        self._on_message = on_message
+        self._cond = threading.Condition()
+        self._faults: Deque[Fault] = collections.deque()
+        self.messages: List[Dict[str, Any]] = []
+        self.requests: List[RequestRecord] = []
+        self._counts: Dict[str, int] = collections.Counter()
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), _make_handler(self))
+        self._server.daemon_threads = True
+        self._thread: Optional[threading.Thread] = None
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Collector:
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+            name="cdpmp-collector", daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(5.0)
+
+    def __enter__(self) -> Collector:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- scripting and inspection -----------------------------------------------------
+
+    def script(self, faults: Sequence[Fault]) -> None:
+        """Answer the next ``len(faults)`` requests with these faults, in order."""
+        with self._cond:
+            self._faults.extend(faults)
+
+    def fail_next(self, count: int, status: int = 503, retry_after: Optional[str] = None) -> None:
+        self.script([Fault(status=status, retry_after=retry_after)] * count)
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> bool:
+        """Wait until ``count`` messages have been accepted; False at the deadline."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while len(self.messages) < count:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(remaining)
+            return True
+
+    def message_ids(self) -> List[str]:
+        with self._cond:
+            return [m["messageId"] for m in self.messages]
+
+    def unique_ids(self) -> set[str]:
+        with self._cond:
+            return set(self._counts)
+
+    def duplicates(self) -> Dict[str, int]:
+        """messageId → times received, for ids received more than once."""
+        with self._cond:
+            return {mid: n for mid, n in self._counts.items() if n > 1}
+
+    def summary(self) -> Dict[str, Any]:
+        with self._cond:
+            statuses = collections.Counter(r.status for r in self.requests)
+            return {
+                "messages": len(self.messages),
+                "unique": len(self._counts),
+                "duplicates": sum(n - 1 for n in self._counts.values()),
+                "requests": len(self.requests),
+                "statuses": dict(statuses),
+                "types": dict(collections.Counter(m["type"] for m in self.messages)),
+            }
+
+    def reset(self) -> None:
+        with self._cond:
+            self.messages.clear()
+            self.requests.clear()
+            self._counts.clear()
+            self._faults.clear()
+
+    # -- request handling --------------------------------------------------------------
+
+    def _next_fault(self) -> Fault:
+        with self._cond:
+            return self._faults.popleft() if self._faults else Fault()
+
+    def _record(self, record: RequestRecord, batch: Optional[List[Dict[str, Any]]]) -> None:
+        with self._cond:
+            self.requests.append(record)
+            if batch:
+                self.messages.extend(batch)
+                for msg in batch:
+                    self._counts[msg["messageId"]] += 1
+                self._cond.notify_all()
+        if batch and self._on_message is not None:
+            for msg in batch:
+                self._on_message(msg)
+
+    def _check(self, headers: Any, raw: bytes) -> List[Dict[str, Any]]:
+        """Return the batch or raise ``_Reject`` with the status to answer."""
+        if headers.get("Authorization") != self._authorization:
+            raise _Reject(401, "unauthorized", "bad or missing credentials")
+        if headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
+            raise _Reject(415, "unsupported", "Content-Type must be application/json")
+        body = raw
+        if headers.get("Content-Encoding") == "gzip":
+            try:
+                body = gzip.decompress(raw)
+            except (OSError, EOFError):
+                raise _Reject(400, "invalid_gzip", "body is not valid gzip") from None
+        if len(body) > MAX_REQUEST_BYTES:
+            raise _Reject(413, "too_large", f"request body {len(body)} > {MAX_REQUEST_BYTES}")
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise _Reject(400, "invalid_json", "body is not JSON") from None
+        try:
+            _require(isinstance(payload, dict), "body is not an object")
+            batch = payload.get("batch")
+            _require(isinstance(batch, list) and bool(batch), "batch must be a non-empty array")
+            _check_time(payload.get("sentAt"), "sentAt")
+            for msg in batch:
+                validate_message(msg)
+                size = len(orjson.dumps(msg))
+                if size > MAX_MESSAGE_BYTES:
+                    raise _Reject(413, "message_too_large", f"message of {size} bytes")
+        except SchemaError as exc:
+            raise _Reject(400, "invalid", str(exc)) from None
+        return batch  # type: ignore[no-any-return]
+
+
+class _Reject(Exception):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def _make_handler(collector: Collector) -> type:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "cdpmp-collector"
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            pass  # quiet: the collector's records are the log
+
+        def _answer(self, status: int, body: bytes, retry_after: Optional[str] = None) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            if retry_after is not None:
+                self.send_header("Retry-After", retry_after)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:  # noqa: N802 - the stdlib's naming
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length)
+            if self.path != "/v1/batch":
+                self._answer(404, b'{"code":"not_found","message":"no such path"}')
+                return
+            fault = collector._next_fault()
+            auth = (self.headers.get("Authorization") or "").split(" ")[0]
+            record = dict(
+                auth_scheme=auth,
+                user_agent=self.headers.get("User-Agent", ""),
+                content_encoding=self.headers.get("Content-Encoding", ""),
+                body_bytes=len(raw),
+            )
+            try:
+                batch = collector._check(self.headers, raw)
+            except _Reject as rej:
+                collector._record(RequestRecord(status=rej.status, messages=0, error=rej.message, **record), None)
+                self._answer(rej.status, orjson.dumps({"code": rej.code, "message": rej.message}))
+                return
+            if fault.delay:
+                time.sleep(fault.delay)
+            if fault.drop_connection:
+                collector._record(RequestRecord(status=0, messages=len(batch), **record),
+                                  batch if fault.accept else None)
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            status = 200 if fault.status is None else fault.status
+            accepted = fault.status is None or fault.accept or 200 <= status < 300
+            collector._record(RequestRecord(status=status, messages=len(batch), **record),
+                              batch if accepted else None)
+            body = fault.body if fault.body is not None else (
+                b"{}" if accepted else orjson.dumps({"code": "fault", "message": "scripted fault"})
+            )
+            self._answer(status, body, fault.retry_after)
+
+    return Handler

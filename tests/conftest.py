@@ -1,0 +1,47 @@
+"""Shared fixtures: a strict collector per test and clients pointed at it."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, List
+
+import pytest
+
+import cdpmp
+from cdpmp.testing import Collector
+
+
+@pytest.fixture
+def collector(cdp_collector: Collector) -> Collector:
+    return cdp_collector
+
+
+@pytest.fixture
+def make_client(collector: Collector) -> Iterator[Callable[..., cdpmp.Client]]:
+    """Build clients aimed at the collector; every one is shut down after the test."""
+    made: List[cdpmp.Client] = []
+
+    def factory(**options: Any) -> cdpmp.Client:
+        options.setdefault("endpoint", collector.url)
+        options.setdefault("upload_interval", 0.05)
+        key = options.pop("write_key", collector.write_key)
+        client = cdpmp.Client(key, **options)
+        made.append(client)
+        return client
+
+    yield factory
+    for client in made:
+        client.shutdown(timeout=2)
+
+
+@pytest.fixture(autouse=True)
+def _reset_facade() -> Iterator[None]:
+    """Restore the module-level settings the tests change."""
+    from cdpmp import analytics
+
+    saved = {name: getattr(analytics, name) for name in analytics.SETTINGS}
+    yield
+    analytics.shutdown(timeout=2)
+    for name, value in saved.items():
+        setattr(analytics, name, value)
+    analytics.default_client = None
+    analytics._retired.clear()
