@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, List
 if TYPE_CHECKING:
     from .client import Client
 
-_live: "weakref.WeakSet[Client]" = weakref.WeakSet()
+_live: weakref.WeakSet[Client] = weakref.WeakSet()
 _exit_hook_registered = False
 _registry_lock = threading.Lock()
 
@@ -58,7 +58,7 @@ def ensure_exit_hook() -> None:
         atexit.register(drain_all)
 
 
-def drain_all(timeout: "float | None" = None) -> bool:
+def drain_all(timeout: float | None = None) -> bool:
     """Shut down every live client of this process, sharing one deadline.
 
     ``timeout`` None means each client's own ``exit_timeout``. Returns True when all

@@ -95,14 +95,12 @@ class Reporter:
 
     def report(self, error: Exception, batch: List[Dict[str, Any]]) -> None:
         self.last_error = str(error)
-        self.log.warning(
-            type(error).__name__, "cdpmp: %d message(s) not delivered: %s", len(batch), error
-        )
+        self.log.warning(type(error).__name__, "cdpmp: %d message(s) not delivered: %s", len(batch), error)
         if self.on_error is None:
             return
         try:
             self.on_error(error, batch)
-        except Exception:  # noqa: BLE001 - a user callback must never kill delivery
+        except Exception:
             self.log.warning("on_error", "cdpmp: on_error callback raised", exc_info=True)
 
     def report_encoded(self, error: Exception, batch: List[bytes]) -> None:

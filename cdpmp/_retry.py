@@ -62,7 +62,7 @@ class RetryPolicy:
             return min(retry_after, self.max_retry_after)
         ceiling = min(self.backoff_cap, self.backoff_base * (2 ** (attempt - 1)))
         # Full jitter keeps N workers that failed together from retrying together.
-        return ceiling * (0.5 + 0.5 * self.rand())
+        return float(ceiling * (0.5 + 0.5 * self.rand()))
 
     def allows(self, attempt: int) -> bool:
         return attempt <= self.max_retries

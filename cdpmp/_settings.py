@@ -132,9 +132,9 @@ def resolve(
         raise InvalidArgumentType("endpoint", "a str", url)
     if not url.startswith(("http://", "https://")):
         raise ConfigurationError("endpoint", "must start with http:// or https://")
-    for name, flag in (("send", send), ("sync_mode", sync_mode)):
-        if not isinstance(flag, bool):
-            raise InvalidArgumentType(name, "a bool", flag)
+    for name, switch in (("send", send), ("sync_mode", sync_mode)):
+        if not isinstance(switch, bool):
+            raise InvalidArgumentType(name, "a bool", switch)
     if on_error is not None and not callable(on_error):
         raise InvalidArgumentType("on_error", "a callable", on_error)
     if proxies is not None and not isinstance(proxies, dict):

@@ -147,9 +147,7 @@ class DirectSink:
                 if self._thread is None:
                     self._start_locked()
         if full:
-            self._reporter.log.warning(
-                "queue_full", "cdpmp: queue full (%d messages), message dropped", n
-            )
+            self._reporter.log.warning("queue_full", "cdpmp: queue full (%d messages), message dropped", n)
             return False
         if wake:
             self._wake.set()
@@ -210,7 +208,7 @@ class DirectSink:
     def _send(self, batch: List[bytes], deadline: Optional[float]) -> None:
         try:
             error = self.transport.send(batch, self._abort, deadline)
-        except Exception as exc:  # noqa: BLE001 - the consumer must outlive any bug
+        except Exception as exc:
             logger.exception("cdpmp: unexpected error while sending a batch")
             error = ShutdownAbandoned(f"unexpected {type(exc).__name__}")
         if error is None:

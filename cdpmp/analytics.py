@@ -18,8 +18,8 @@ import threading
 import types
 from typing import Any, Dict, List, Optional
 
-from .client import Client, Result
 from ._settings import OnError
+from .client import Client, Result
 
 write_key: Optional[str] = None
 endpoint: Optional[str] = None
@@ -37,8 +37,20 @@ max_retries: int = 10
 proxies: Optional[Dict[str, str]] = None
 
 SETTINGS = (
-    "write_key", "endpoint", "host", "debug", "send", "on_error", "sync_mode", "gzip",
-    "max_queue_size", "upload_size", "upload_interval", "timeout", "max_retries", "proxies",
+    "write_key",
+    "endpoint",
+    "host",
+    "debug",
+    "send",
+    "on_error",
+    "sync_mode",
+    "gzip",
+    "max_queue_size",
+    "upload_size",
+    "upload_interval",
+    "timeout",
+    "max_retries",
+    "proxies",
 )
 
 default_client: Optional[Client] = None

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 import uuid
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import __version__
 
@@ -30,23 +30,31 @@ def _demo_events(analytics: Any, worker: int, count: int) -> int:
     """Track a realistic mix; returns how many calls returned success."""
     ok = 0
     user = f"user-{worker}"
-    calls = [
-        lambda: analytics.identify(user, {"email": f"{user}@example.com", "plan": "pro",
-                                          "created_at": _dt.datetime(2024, 5, 1, 12, 0)}),
+    calls: List[Callable[[], Tuple[bool, Dict[str, Any]]]] = [
+        lambda: analytics.identify(
+            user,
+            {"email": f"{user}@example.com", "plan": "pro", "created_at": _dt.datetime(2024, 5, 1, 12, 0)},
+        ),
         lambda: analytics.group(user, "acme", {"name": "Acme", "object_type_id": "1"}),
         lambda: analytics.page(user, "Docs", "Quick start", {"path": "/docs"}),
         lambda: analytics.screen(user, "App", "Settings"),
         lambda: analytics.alias(f"anon-{worker}", user),
     ]
     for call in calls:
-        ok += call()[0]
+        ok += int(call()[0])
     for i in range(max(0, count - len(calls))):
         success, _ = analytics.track(
-            user_id=user, event="Order Completed",
-            properties={"order": i, "total": decimal.Decimal("19.99"), "sku": uuid.uuid4(),
-                        "tags": {"demo"}, "at": _dt.date.today()},
+            user_id=user,
+            event="Order Completed",
+            properties={
+                "order": i,
+                "total": decimal.Decimal("19.99"),
+                "sku": uuid.uuid4(),
+                "tags": {"demo"},
+                "at": _dt.date.today(),
+            },
         )
-        ok += success
+        ok += int(success)
     return ok
 
 
@@ -59,10 +67,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         analytics.endpoint = collector.url
         if args.mode:
             os.environ["CDP_MODE"] = args.mode
-        print(f"cdpmp {__version__} demo: collector on {collector.url}, "
-              f"{args.workers or 1} process(es) x {args.events} events, mode={args.mode or 'direct'}")
+        print(
+            f"cdpmp {__version__} demo: collector on {collector.url}, "
+            f"{args.workers or 1} process(es) x {args.events} events, mode={args.mode or 'direct'}"
+        )
         # The master tracks before forking, as a --preload app would.
-        accepted = analytics.track(user_id="master", event="Server Started")[0]
+        accepted = int(analytics.track(user_id="master", event="Server Started")[0])
         oversize = analytics.track(user_id="master", event="Too Big", properties={"blob": "x" * 40000})
         print(f"  oversize message: accepted={oversize[0]} (rejected, counted, never raised)")
         if args.workers:
@@ -74,8 +84,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         summary = collector.summary()
         stats = analytics.stats()
     print(f"  accepted by track()/identify()/...: {accepted}")
-    print(f"  collector received: {summary['messages']} messages ({summary['unique']} unique, "
-          f"{summary['duplicates']} duplicates) in {summary['requests']} requests {summary['statuses']}")
+    print(
+        f"  collector received: {summary['messages']} messages ({summary['unique']} unique, "
+        f"{summary['duplicates']} duplicates) in {summary['requests']} requests {summary['statuses']}"
+    )
     print(f"  by type: {summary['types']}")
     print(f"  this process: sent={stats['sent']} batches={stats['batches']} dropped={stats['dropped']}")
     ok = drained and summary["unique"] == accepted and summary["duplicates"] == 0
@@ -138,8 +150,9 @@ def cmd_track(args: argparse.Namespace) -> int:
         return 2
     properties = json.loads(args.properties) if args.properties else None
     client = Client(key, endpoint=args.endpoint, sync_mode=True)
-    ok, msg = client.track(user_id=args.user_id, anonymous_id=args.anonymous_id,
-                           event=args.event, properties=properties)
+    ok, msg = client.track(
+        user_id=args.user_id, anonymous_id=args.anonymous_id, event=args.event, properties=properties
+    )
     print(f"{'sent' if ok else 'FAILED'}: messageId={msg['messageId']}")
     return 0 if ok else 1
 
@@ -149,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="send a realistic mix of events to an embedded local collector "
-                                       "and show what arrived")
+    demo = sub.add_parser(
+        "demo", help="send a realistic mix of events to an embedded local collector and show what arrived"
+    )
     demo.add_argument("--workers", type=int, default=0, help="fork N worker processes (default: none)")
     demo.add_argument("--events", type=int, default=50, help="events per process (default 50)")
     demo.add_argument("--mode", choices=["direct", "shared"], default=None, help="delivery mode")

@@ -195,8 +195,18 @@ class Client:
         integrations: Optional[Dict[str, Any]] = None,
         message_id: Any = None,
     ) -> Result:
-        return self._view("page", user_id, category, name, properties, context, timestamp,
-                          anonymous_id, integrations, message_id)
+        return self._view(
+            "page",
+            user_id,
+            category,
+            name,
+            properties,
+            context,
+            timestamp,
+            anonymous_id,
+            integrations,
+            message_id,
+        )
 
     def screen(
         self,
@@ -210,12 +220,32 @@ class Client:
         integrations: Optional[Dict[str, Any]] = None,
         message_id: Any = None,
     ) -> Result:
-        return self._view("screen", user_id, category, name, properties, context, timestamp,
-                          anonymous_id, integrations, message_id)
+        return self._view(
+            "screen",
+            user_id,
+            category,
+            name,
+            properties,
+            context,
+            timestamp,
+            anonymous_id,
+            integrations,
+            message_id,
+        )
 
-    def _view(self, kind: str, user_id: Any, category: Any, name: Any, properties: Any,
-              context: Any, timestamp: Any, anonymous_id: Any, integrations: Any,
-              message_id: Any) -> Result:
+    def _view(
+        self,
+        kind: str,
+        user_id: Any,
+        category: Any,
+        name: Any,
+        properties: Any,
+        context: Any,
+        timestamp: Any,
+        anonymous_id: Any,
+        integrations: Any,
+        message_id: Any,
+    ) -> Result:
         msg = self._base(kind, user_id, anonymous_id, context, timestamp, integrations, message_id)
         msg["name"] = text("name", name, required=False)
         msg["category"] = text("category", category, required=False)
@@ -224,19 +254,25 @@ class Client:
 
     # -- building and queueing -----------------------------------------------------
 
-    def _base(self, kind: str, user_id: Any, anonymous_id: Any, context: Any, timestamp: Any,
-              integrations: Any, message_id: Any, identity: bool = True) -> Dict[str, Any]:
+    def _base(
+        self,
+        kind: str,
+        user_id: Any,
+        anonymous_id: Any,
+        context: Any,
+        timestamp: Any,
+        integrations: Any,
+        message_id: Any,
+        identity: bool = True,
+    ) -> Dict[str, Any]:
         uid = identifier("user_id", user_id)
         aid = identifier("anonymous_id", anonymous_id)
         if identity and uid is None and aid is None:
             raise MissingIdentity()
         ctx = mapping("context", context)
-        if message_id is None:
-            mid = new_message_id()
-        else:
-            mid = identifier("message_id", message_id)
-            if not mid:
-                raise MissingIdentity.for_argument("message_id")
+        mid = new_message_id() if message_id is None else identifier("message_id", message_id)
+        if not mid:
+            raise MissingIdentity.for_argument("message_id")
         msg: Dict[str, Any] = {
             "type": kind,
             "messageId": mid,

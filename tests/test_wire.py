@@ -54,15 +54,24 @@ def test_identify_fields(collector: Collector, make_client: Callable[..., cdpmp.
 
 
 @pytest.mark.parametrize("kind", ["page", "screen"])
-def test_page_and_screen_fields(kind: str, collector: Collector, make_client: Callable[..., cdpmp.Client]) -> None:
+def test_page_and_screen_fields(
+    kind: str, collector: Collector, make_client: Callable[..., cdpmp.Client]
+) -> None:
     client = make_client()
     getattr(client, kind)("u1", "Docs", "Home", {"path": "/"})
     msg = _sent(collector, client)
     _common(msg, kind)
-    assert (msg["userId"], msg["category"], msg["name"], msg["properties"]) == ("u1", "Docs", "Home", {"path": "/"})
+    assert (msg["userId"], msg["category"], msg["name"], msg["properties"]) == (
+        "u1",
+        "Docs",
+        "Home",
+        {"path": "/"},
+    )
 
 
-def test_group_fields_with_object_type(collector: Collector, make_client: Callable[..., cdpmp.Client]) -> None:
+def test_group_fields_with_object_type(
+    collector: Collector, make_client: Callable[..., cdpmp.Client]
+) -> None:
     client = make_client()
     client.group("u1", "acme", {"name": "Acme"}, object_type_id=3)
     msg = _sent(collector, client)
@@ -70,7 +79,9 @@ def test_group_fields_with_object_type(collector: Collector, make_client: Callab
     assert (msg["groupId"], msg["traits"], msg["objectTypeId"]) == ("acme", {"name": "Acme"}, "3")
 
 
-def test_group_object_type_from_traits(collector: Collector, make_client: Callable[..., cdpmp.Client]) -> None:
+def test_group_object_type_from_traits(
+    collector: Collector, make_client: Callable[..., cdpmp.Client]
+) -> None:
     client = make_client()
     traits = {"name": "Acme", "object_type_id": "2"}
     client.group(user_id="u1", group_id="acme", traits=traits)
@@ -102,7 +113,9 @@ def test_caller_supplied_ids_context_integrations_timestamp(
     assert context == {"ip": "127.0.0.1", "library": {"name": "other"}}  # not mutated
 
 
-def test_request_envelope_headers_and_basic_auth(collector: Collector, make_client: Callable[..., cdpmp.Client]) -> None:
+def test_request_envelope_headers_and_basic_auth(
+    collector: Collector, make_client: Callable[..., cdpmp.Client]
+) -> None:
     client = make_client()
     client.track("u1", "E")
     _sent(collector, client)
@@ -132,10 +145,14 @@ def test_region_keys_use_bearer_auth(key: str, make_client: Callable[..., cdpmp.
         assert strict.requests[0].auth_scheme == "Bearer"
 
 
-def test_wrong_key_is_rejected_by_the_collector_and_reported(make_client: Callable[..., cdpmp.Client]) -> None:
+def test_wrong_key_is_rejected_by_the_collector_and_reported(
+    make_client: Callable[..., cdpmp.Client],
+) -> None:
     errors = []
     with Collector(write_key="right") as strict:
-        client = make_client(write_key="wrong", endpoint=strict.url, on_error=lambda e, b: errors.append((e, b)))
+        client = make_client(
+            write_key="wrong", endpoint=strict.url, on_error=lambda e, b: errors.append((e, b))
+        )
         client.track("u1", "E")
         client.flush(timeout=5)
         assert [r.status for r in strict.requests] == [401]  # 401 is final: no retry

@@ -1,0 +1,316 @@
+"""Delivery: batching, retry classes, on_error, deadlines, modes, queue limits.
+
+Every test talks real HTTP to the strict collector; nothing of ours is mocked.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+from typing import Any, Callable, List, Tuple
+
+import pytest
+
+import cdpmp
+from cdpmp._retry import RetryPolicy, parse_retry_after
+from cdpmp.testing import Collector, Fault
+
+Errors = List[Tuple[Exception, List[Any]]]
+
+
+def _consumers() -> int:
+    return sum(t.name == "cdpmp-consumer" for t in threading.enumerate())
+
+
+def test_batch_closes_at_upload_size(collector: Collector, make_client: Callable[..., cdpmp.Client]) -> None:
+    client = make_client(upload_size=10, upload_interval=60)
+    for i in range(30):
+        assert client.track("u", "E", {"i": i})[0]
+    # With a 60 s interval only a full batch can trigger a send.
+    assert collector.wait_for(30, timeout=10)
+    assert [r.messages for r in collector.requests] == [10, 10, 10]
+
+
+def test_batch_closes_at_request_byte_limit(
+    collector: Collector, make_client: Callable[..., cdpmp.Client]
+) -> None:
+    client = make_client(upload_size=100)
+    blob = "x" * 20_000
+    for i in range(60):
+        assert client.track("u", "E", {"i": i, "blob": blob})[0]
+    assert client.flush(timeout=10)
+    assert len(collector.unique_ids()) == 60
+    assert all(r.status == 200 and r.body_bytes <= 500_000 for r in collector.requests)
+    assert len(collector.requests) >= 3
+
+
+def test_batch_closes_at_upload_interval(
+    collector: Collector, make_client: Callable[..., cdpmp.Client]
+) -> None:
+    client = make_client(upload_size=100, upload_interval=0.2)
+    for i in range(3):
+        client.track("u", "E", {"i": i})
+    assert collector.wait_for(3, timeout=10)  # no flush(): the interval closed the batch
+    assert [r.messages for r in collector.requests] == [3]
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 502, 503])
+def test_retryable_status_is_retried_then_delivered_once(
+    status: int, collector: Collector, make_client: Callable[..., cdpmp.Client]
+) -> None:
+    collector.fail_next(2, status=status)
+    client = make_client()
+    _, msg = client.track("u", "E")
+    assert client.flush(timeout=10)
+    assert [r.status for r in collector.requests] == [status, status, 200]
+    assert collector.message_ids() == [msg["messageId"]]
+    assert client.stats()["retries"] == 2
+
+
+@pytest.mark.parametrize("status", [400, 403, 404, 413, 422])
+def test_other_4xx_is_final_and_reported(
+    status: int, collector: Collector, make_client: Callable[..., cdpmp.Client]
+) -> None:
+    errors: Errors = []
+    collector.fail_next(1, status=status)
+    client = make_client(on_error=lambda e, b: errors.append((e, b)))
+    _, msg = client.track("u", "E")
+    client.flush(timeout=10)
+    assert [r.status for r in collector.requests] == [status]
+    assert len(errors) == 1
+    error, batch = errors[0]
+    assert isinstance(error, cdpmp.APIError) and error.status == status
+    assert [m["messageId"] for m in batch] == [msg["messageId"]]
+    assert client.stats()["failed"] == 1
+
+
+def test_any_2xx_is_success(collector: Collector, make_client: Callable[..., cdpmp.Client]) -> None:
+    collector.script([Fault(status=202), Fault(status=204, body=b"")])
+    client = make_client(upload_size=1)
+    client.track("u", "A")
+    client.track("u", "B")
+    assert client.flush(timeout=10)
+    assert [r.status for r in collector.requests] == [202, 204]
+    assert collector.duplicates() == {}
+    assert client.stats()["sent"] == 2
+
+
+@pytest.mark.parametrize("body", [b'{"message": "no code"}', b"<html>bad gateway</html>", b"[1, 2]", b""])
+def test_error_bodies_are_parsed_tolerantly(
+    body: bytes, collector: Collector, make_client: Callable[..., cdpmp.Client]
+) -> None:
+    errors: Errors = []
+    collector.script([Fault(status=400, body=body)])
+    client = make_client(on_error=lambda e, b: errors.append((e, b)))
+    client.track("u", "E")
+    client.flush(timeout=10)
+    assert isinstance(errors[0][0], cdpmp.APIError)
+    assert errors[0][0].code == "unknown" and errors[0][0].status == 400
+
+
+def test_dropped_connection_is_retried(
+    collector: Collector, make_client: Callable[..., cdpmp.Client]
+) -> None:
+    collector.script([Fault(drop_connection=True)])
+    client = make_client()
+    client.track("u", "E")
+    assert client.flush(timeout=10)
+    assert [r.status for r in collector.requests] == [0, 200]
+    assert len(collector.messages) == 1
+
+
+def test_timeout_after_processing_resends_with_same_message_id(
+    collector: Collector, make_client: Callable[..., cdpmp.Client]
+) -> None:
+    # The collector processes the batch but answers after the client's timeout:
+    # the retry must carry the same messageId so the duplicate is identifiable.
+    collector.script([Fault(delay=1.0)])
+    client = make_client(timeout=0.3)
+    _, msg = client.track("u", "E")
+    assert client.flush(timeout=10)
+    assert collector.duplicates() == {msg["messageId"]: 2}
+    assert client.stats()["retries"] == 1
+
+
+def test_retry_after_beyond_budget_gives_up(
+    collector: Collector, make_client: Callable[..., cdpmp.Client]
+) -> None:
+    errors: Errors = []
+    collector.script([Fault(status=429, retry_after="10")])
+    client = make_client(retry_budget=1.0, on_error=lambda e, b: errors.append((e, b)))
+    client.track("u", "E")
+    client.flush(timeout=10)
+    assert [r.status for r in collector.requests] == [429]
+    assert isinstance(errors[0][0], cdpmp.APIError) and errors[0][0].status == 429
+
+
+def test_retry_after_zero_is_honoured(collector: Collector, make_client: Callable[..., cdpmp.Client]) -> None:
+    collector.script([Fault(status=429, retry_after="0")] * 3)
+    client = make_client(retry_budget=1.0)
+    client.track("u", "E")
+    assert client.flush(timeout=10)
+    assert [r.status for r in collector.requests] == [429, 429, 429, 200]
+
+
+def test_retry_budget_bounds_a_failing_batch(
+    collector: Collector, make_client: Callable[..., cdpmp.Client]
+) -> None:
+    errors: Errors = []
+    collector.fail_next(1000, status=503)
+    client = make_client(retry_budget=1.0, on_error=lambda e, b: errors.append((e, b)))
+    client.track("u", "E")
+    assert client.flush(timeout=10)  # the batch ended (failed) within its budget
+    assert len(errors) == 1 and client.stats()["failed"] == 1
+    assert 1 < len(collector.requests) < 20
+
+
+def test_max_retries_bounds_attempts(collector: Collector, make_client: Callable[..., cdpmp.Client]) -> None:
+    collector.fail_next(1000, status=500)
+    client = make_client(max_retries=2)
+    client.track("u", "E")
+    assert client.flush(timeout=10)
+    assert len(collector.requests) == 3
+
+
+def test_retry_policy_is_capped_and_jittered() -> None:
+    policy = RetryPolicy(backoff_base=1.0, backoff_cap=4.0, max_retry_after=30.0, rand=lambda: 1.0)
+    assert [policy.delay(n) for n in (1, 2, 3, 4, 10)] == [1.0, 2.0, 4.0, 4.0, 4.0]
+    low = RetryPolicy(backoff_base=1.0, backoff_cap=4.0, rand=lambda: 0.0)
+    assert low.delay(3) == 2.0
+    assert policy.delay(1, retry_after=5.0) == 5.0
+    assert policy.delay(1, retry_after=120.0) == 30.0
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+    assert parse_retry_after("soon") is None
+
+
+def test_on_error_that_raises_does_not_kill_the_consumer(
+    collector: Collector, make_client: Callable[..., cdpmp.Client]
+) -> None:
+    def explode(error: Exception, batch: List[Any]) -> None:
+        raise RuntimeError("user bug")
+
+    collector.fail_next(1, status=400)
+    client = make_client(on_error=explode, upload_size=1)
+    client.track("u", "first")
+    client.flush(timeout=10)
+    _, second = client.track("u", "second")
+    assert client.flush(timeout=10)
+    assert collector.message_ids() == [second["messageId"]]
+
+
+def test_flush_returns_false_at_its_deadline(
+    collector: Collector, make_client: Callable[..., cdpmp.Client]
+) -> None:
+    collector.script([Fault(delay=1.5)])
+    client = make_client()
+    client.track("u", "E")
+    assert client.flush(timeout=0.2) is False
+    assert client.flush(timeout=10) is True
+    assert len(collector.unique_ids()) == 1
+
+
+def test_shutdown_deadline_drops_and_reports_what_is_left(
+    collector: Collector, make_client: Callable[..., cdpmp.Client]
+) -> None:
+    errors: Errors = []
+    collector.fail_next(1000, status=503)
+    client = make_client(upload_size=5, on_error=lambda e, b: errors.append((e, b)))
+    for i in range(20):
+        client.track("u", "E", {"i": i})
+    assert client.shutdown(timeout=0.5) is False
+    stats = client.stats()
+    reported = sum(len(b) for _, b in errors)
+    assert reported == 20 == stats["failed"] + stats["dropped"]["shutdown"]
+    assert any(isinstance(e, cdpmp.ShutdownAbandoned) for e, _ in errors)
+    assert _consumers() == 0 or all(
+        not t.is_alive() for t in threading.enumerate() if t.name == "cdpmp-consumer"
+    )
+
+
+def test_exit_drains_the_whole_queue(collector: Collector, tmp_path: Any) -> None:
+    script = textwrap.dedent(f"""
+        import cdpmp
+        client = cdpmp.Client({collector.write_key!r}, endpoint={collector.url!r}, upload_size=50)
+        for i in range(1000):
+            assert client.track(user_id="u", event="E", properties={{"i": i}})[0]
+        # no flush, no shutdown: the interpreter exits with 1000 queued
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    assert len(collector.unique_ids()) == 1000
+    assert collector.duplicates() == {}
+
+
+def test_sync_mode_sends_inline_with_retries(
+    collector: Collector, make_client: Callable[..., cdpmp.Client]
+) -> None:
+    collector.fail_next(1, status=503)
+    client = make_client(sync_mode=True)
+    ok, msg = client.track("u", "E")
+    assert ok and collector.message_ids() == [msg["messageId"]]  # no flush needed
+    assert client.join() and client.shutdown() and client.flush()
+    assert _consumers() == 0
+
+
+def test_sync_mode_failure_returns_false_and_reports(
+    collector: Collector, make_client: Callable[..., cdpmp.Client]
+) -> None:
+    errors: Errors = []
+    collector.fail_next(1, status=400)
+    client = make_client(sync_mode=True, on_error=lambda e, b: errors.append((e, b)))
+    ok, msg = client.track("u", "E")
+    assert not ok and errors[0][1][0]["messageId"] == msg["messageId"]
+
+
+def test_send_false_validates_without_network_or_threads(
+    collector: Collector, make_client: Callable[..., cdpmp.Client]
+) -> None:
+    client = make_client(send=False)
+    ok, msg = client.track("u", "E", {"x": 1})
+    assert ok and msg["event"] == "E"
+    assert not client.track("u", "E", {"big": "x" * 40_000})[0]
+    assert client.flush(timeout=1) and client.shutdown(timeout=1)
+    assert collector.requests == [] and _consumers() == 0
+    with pytest.raises(cdpmp.InvalidArgumentType):
+        client.track("u", 5)  # type: ignore[arg-type]
+
+
+def test_queue_full_returns_false_and_counts(
+    collector: Collector, make_client: Callable[..., cdpmp.Client]
+) -> None:
+    client = make_client(max_queue_size=5, upload_size=100, upload_interval=60)
+    results = [client.track("u", "E", {"i": i})[0] for i in range(8)]
+    assert results == [True] * 5 + [False] * 3
+    assert client.stats()["dropped"]["queue_full"] == 3
+    assert client.flush(timeout=10)
+    assert len(collector.unique_ids()) == 5
+
+
+def test_consumer_starts_on_first_enqueue_not_in_init(make_client: Callable[..., cdpmp.Client]) -> None:
+    before = _consumers()
+    client = make_client()
+    assert _consumers() == before
+    client.track("u", "E")
+    assert _consumers() == before + 1
+
+
+def test_settings_change_after_first_call_takes_effect(collector: Collector) -> None:
+    from cdpmp import analytics
+
+    with Collector(write_key="second") as other:
+        analytics.write_key = collector.write_key
+        analytics.endpoint = collector.url
+        analytics.upload_interval = 0.05
+        analytics.track("u", "to-first")
+        first = analytics.default_client
+        analytics.write_key = "second"
+        analytics.endpoint = other.url
+        analytics.gzip = True
+        analytics.track("u", "to-second")
+        assert analytics.default_client is not first
+        assert analytics.flush(timeout=10)
+        assert [m["event"] for m in collector.messages] == ["to-first"]
+        assert [m["event"] for m in other.messages] == ["to-second"]
+        assert other.requests[0].content_encoding == "gzip"
