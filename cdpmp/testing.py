@@ -103,10 +103,13 @@ def validate_message(msg: Any) -> None:
         "context.library {name, version} missing",
     )
     _require(isinstance(msg.get("integrations", {}), dict), "integrations must be an object")
-    for field in ("userId", "anonymousId"):
-        _require(field not in msg or _is_str(msg[field]), f"{field} must be a non-empty string")
+    for field in ("userId", "anonymousId"):  # null is accepted as "absent", as the service does
+        _require(msg.get(field) is None or _is_str(msg[field]), f"{field} must be a non-empty string")
     if kind in ("identify", "track", "page", "screen"):
-        _require("userId" in msg or "anonymousId" in msg, "userId or anonymousId required")
+        _require(
+            msg.get("userId") is not None or msg.get("anonymousId") is not None,
+            "userId or anonymousId required",
+        )
     if kind == "track":
         _require(_is_str(msg.get("event")), "event missing")
     if kind in ("track", "page", "screen"):
@@ -307,6 +310,9 @@ class _Reject(Exception):
 def _make_handler(collector: Collector) -> type:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body go out in separate writes; without TCP_NODELAY, Nagle plus
+        # the client's delayed ACK adds ~40 ms to every keep-alive request.
+        disable_nagle_algorithm = True
         server_version = "cdpmp-collector"
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
