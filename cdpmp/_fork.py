@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 
 _live: weakref.WeakSet[Client] = weakref.WeakSet()
 _exit_hook_registered = False
+# False when the host runs no background threads (uWSGI without enable-threads):
+# sinks then send due batches on the calling thread instead of a consumer.
+threads_available = True
 _registry_lock = threading.Lock()
 
 
@@ -47,8 +50,20 @@ def live_clients() -> List[Client]:
 def _after_fork_in_child() -> None:
     global _registry_lock
     _registry_lock = threading.Lock()
+    reset_in_child()
+
+
+def reset_in_child() -> None:
+    """Reset every live client created before a fork; a no-op for clients whose
+    state already belongs to this pid, so server hooks may call it again."""
     for client in list(_live):
         client._reset_after_fork()
+
+
+def disable_threads() -> None:
+    """Make sinks deliver on the calling thread from now on (process-wide)."""
+    global threads_available
+    threads_available = False
 
 
 def ensure_exit_hook() -> None:

@@ -26,6 +26,7 @@ import threading
 import time
 from typing import Deque, List, Optional, Protocol
 
+from . import _fork
 from ._report import Counters, Reporter
 from ._settings import Settings
 from ._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES, Transport
@@ -143,17 +144,25 @@ class DirectSink:
                 self._counters.queued += 1
                 if n == 0:
                     self._first_at = time.monotonic()
-                wake = n == 0 or n + 1 == settings.upload_size or self._queued_bytes >= _BATCH_ROOM
+                due = n + 1 >= settings.upload_size or self._queued_bytes >= _BATCH_ROOM
+                wake = n == 0 or due
                 if self._thread is None:
                     self._start_locked()
+                inline = self._thread is None and (
+                    due or time.monotonic() - self._first_at >= settings.upload_interval
+                )
         if full:
             self._reporter.log.warning("queue_full", "cdpmp: queue full (%d messages), message dropped", n)
             return False
-        if wake:
+        if inline:  # no consumer thread can run here: send the due batch ourselves
+            self._drain_inline(time.monotonic() + settings.timeout)
+        elif wake:
             self._wake.set()
         return True
 
     def _start_locked(self) -> None:
+        if not _fork.threads_available:
+            return
         self._stopping = False
         self._abort = threading.Event()
         thread = threading.Thread(target=self._run, name="cdpmp-consumer", daemon=True)
@@ -163,8 +172,6 @@ class DirectSink:
             self._thread = None
             return
         self._thread = thread
-        from . import _fork
-
         _fork.ensure_exit_hook()
 
     # -- consumer side -------------------------------------------------------------

@@ -1,0 +1,77 @@
+"""gunicorn server hooks. One line in ``gunicorn.conf.py``::
+
+    from cdpmp.integrations.gunicorn import install; install(globals())
+
+``install`` adds cdpmp's hooks and keeps any hook the file already defined (both run,
+the user's first). Hooks, and where gunicorn calls them:
+
+* ``post_fork`` (worker): forget the parent's queue, locks and socket. Already done by
+  the ``os.register_at_fork`` hook and the pid check; calling it here makes the reset
+  independent of how the worker was forked.
+* ``worker_exit`` (worker, every Python-level exit: SIGTERM, ``max_requests``
+  recycling, SIGQUIT): drain the queue within ``min(exit_timeout, 0.8 *
+  graceful_timeout)`` seconds, so gunicorn's SIGKILL never interrupts it.
+* ``worker_abort`` (worker, SIGABRT on timeout; SIGKILL follows): best effort, 1 s.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Dict, MutableMapping
+
+from .. import _fork
+
+logger = logging.getLogger("cdpmp")
+
+ABORT_BUDGET = 1.0  # seconds: gunicorn SIGKILLs an aborted worker soon after
+GRACE_SHARE = 0.8  # share of graceful_timeout the exit drain may use
+
+
+def _budget(server: Any) -> float:
+    graceful = getattr(getattr(server, "cfg", None), "graceful_timeout", 30)
+    clients = _fork.live_clients()
+    own = max((c.settings.exit_timeout for c in clients), default=10.0)
+    return max(0.0, min(own, float(graceful) * GRACE_SHARE))
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    _fork.reset_in_child()
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    if not _fork.drain_all(timeout=_budget(server)):
+        logger.warning("cdpmp: worker exit deadline passed; see stats()['dropped']['shutdown']")
+
+
+def worker_abort(worker: Any) -> None:
+    _fork.drain_all(timeout=ABORT_BUDGET)
+
+
+HOOKS: Dict[str, Callable[..., None]] = {
+    "post_fork": post_fork,
+    "worker_exit": worker_exit,
+    "worker_abort": worker_abort,
+}
+
+
+def _chain(first: Callable[..., Any], second: Callable[..., None]) -> Callable[..., None]:
+    def hook(*args: Any) -> None:
+        try:
+            first(*args)
+        finally:
+            second(*args)
+
+    hook.__name__ = second.__name__
+    return hook
+
+
+def install(config_globals: MutableMapping[str, Any]) -> None:
+    """Add cdpmp's hooks to a ``gunicorn.conf.py`` namespace, chaining existing ones."""
+    for name, ours in HOOKS.items():
+        existing = config_globals.get(name)
+        if existing is None or existing is ours:
+            config_globals[name] = ours
+        elif not getattr(existing, "_cdpmp", False):
+            chained = _chain(existing, ours)
+            chained._cdpmp = True  # type: ignore[attr-defined]  # install() twice is harmless
+            config_globals[name] = chained

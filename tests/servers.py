@@ -1,0 +1,149 @@
+"""Helpers to start real servers as subprocesses, load them, and stop them by pid.
+
+Every wait has a deadline; a server that does not stop is SIGKILLed (whole process
+group) and the test fails rather than hangs. Loopback only.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def server_env(collector_url: str, write_key: str, **extra: str) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CDP_", "APP_"))}
+    env.update(
+        CDP_WRITE_KEY=write_key,
+        CDP_ENDPOINT=collector_url,
+        CDP_UPLOAD_INTERVAL="0.2",
+        PYTHONPATH=str(ROOT),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+class Server:
+    """A server subprocess in its own session, logging to a file."""
+
+    def __init__(self, cmd: Sequence[str], env: Dict[str, str], log: Path, port: int) -> None:
+        self.log_path = log
+        self.port = port
+        self._log = open(log, "wb")
+        self.proc = subprocess.Popen(
+            list(cmd), env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited early:\n{self.output()}")
+            try:
+                if get(self.port, "/?id=probe&k=0", timeout=2.0) == b"ok":
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.kill()
+        raise AssertionError(f"server not ready in {timeout}s:\n{self.output()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"server did not stop within {timeout}s:\n{self.output()}") from None
+        finally:
+            self._log.close()
+        return code
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(10)
+
+    def output(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+
+def get(port: int, path: str, timeout: float = 10.0) -> bytes:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read()
+        return body if response.status == 200 else b"status %d" % response.status
+    finally:
+        conn.close()
+
+
+def load(
+    port: int,
+    requests: int,
+    k: int = 1,
+    concurrency: int = 8,
+    prefix: str = "r",
+    duration: Optional[float] = None,
+    deadline: float = 60.0,
+) -> List[str]:
+    """Send requests; return the ids whose response was 200 "ok" (all k tracks accepted).
+
+    With ``duration`` it sends until that many seconds passed (bounded by ``requests``).
+    """
+    done: List[str] = []
+    lock = threading.Lock()
+    counter = iter(range(requests))
+    end = time.monotonic() + (duration if duration is not None else deadline)
+
+    def worker() -> None:
+        while time.monotonic() < end:
+            with lock:
+                n = next(counter, None)
+            if n is None:
+                return
+            rid = f"{prefix}{n}"
+            try:
+                if get(port, f"/?id={rid}&k={k}") == b"ok":
+                    with lock:
+                        done.append(rid)
+            except OSError:
+                pass  # a refused/reset request tracked nothing we count
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(deadline)
+    return done
+
+
+def expected_ids(rids: List[str], k: int) -> List[str]:
+    return [f"{rid}-{j}" for rid in rids for j in range(k)]
