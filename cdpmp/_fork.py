@@ -34,6 +34,10 @@ _exit_hook_registered = False
 # False when the host runs no background threads (uWSGI without enable-threads):
 # sinks then send due batches on the calling thread instead of a consumer.
 threads_available = True
+# A process that must never start a thread and sends each event inline: a uWSGI
+# master that loads the app before forking workers from C. A thread alive there at
+# fork time leaves the children's interpreter state invalid; they deadlock at exit.
+_threadless_pid = -1
 _registry_lock = threading.Lock()
 
 
@@ -64,6 +68,20 @@ def disable_threads() -> None:
     """Make sinks deliver on the calling thread from now on (process-wide)."""
     global threads_available
     threads_available = False
+
+
+def keep_process_threadless() -> None:
+    """This process (not its children) sends inline and starts no thread."""
+    global _threadless_pid
+    _threadless_pid = os.getpid()
+
+
+def threadless_here() -> bool:
+    return _threadless_pid == os.getpid()
+
+
+def may_start_thread() -> bool:
+    return threads_available and _threadless_pid != os.getpid()
 
 
 def ensure_exit_hook() -> None:

@@ -149,7 +149,9 @@ class DirectSink:
                 if self._thread is None:
                     self._start_locked()
                 inline = self._thread is None and (
-                    due or time.monotonic() - self._first_at >= settings.upload_interval
+                    due
+                    or _fork.threadless_here()
+                    or time.monotonic() - self._first_at >= settings.upload_interval
                 )
         if full:
             self._reporter.log.warning("queue_full", "cdpmp: queue full (%d messages), message dropped", n)
@@ -161,7 +163,7 @@ class DirectSink:
         return True
 
     def _start_locked(self) -> None:
-        if not _fork.threads_available:
+        if not _fork.may_start_thread():
             return
         self._stopping = False
         self._abort = threading.Event()

@@ -59,7 +59,7 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise AssertionError(f"server exited early:\n{self.output()}")
+                raise AssertionError(f"server exited early:\n{self.output(5000)}")
             try:
                 if get(self.port, "/?id=probe&k=0", timeout=2.0) == b"ok":
                     return
@@ -67,7 +67,15 @@ class Server:
                 pass
             time.sleep(0.1)
         self.kill()
-        raise AssertionError(f"server not ready in {timeout}s:\n{self.output()}")
+        raise AssertionError(f"server not ready in {timeout}s:\n{self.output(5000)}")
+
+    def wait_log(self, text: str, count: int, timeout: float = 30.0) -> None:
+        """Wait until ``text`` appears ``count`` times in the server's output."""
+        deadline = time.monotonic() + timeout
+        while self.output().count(text) < count:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise AssertionError(f"{text!r} x{count} not seen:\n{self.output(5000)}")
+            time.sleep(0.1)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
@@ -76,7 +84,7 @@ class Server:
             code = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"server did not stop within {timeout}s:\n{self.output()}") from None
+            raise AssertionError(f"server did not stop within {timeout}s:\n{self.output(5000)}") from None
         finally:
             self._log.close()
         return code
@@ -88,10 +96,11 @@ class Server:
             pass
         self.proc.wait(10)
 
-    def output(self) -> str:
+    def output(self, tail: int = 0) -> str:
         if not self._log.closed:
             self._log.flush()
-        return self.log_path.read_text(errors="replace")[-5000:]
+        text = self.log_path.read_text(errors="replace")
+        return text[-tail:] if tail else text
 
 
 def get(port: int, path: str, timeout: float = 10.0) -> bytes:

@@ -71,7 +71,7 @@ def test_sync_workers_deliver_everything(preload: bool, tmp_path: Path, collecto
     args = ["--preload"] if preload else []
     server = gunicorn(tmp_path, collector, *args, APP_TRACK_AT_IMPORT="1")
     ok = load(server.port, 400, k=3)
-    assert server.stop(signal.SIGTERM) == 0, server.output()
+    assert server.stop(signal.SIGTERM) == 0, server.output(5000)
     assert len(ok) == 400
     # --preload: the app module (and its import-time event) lives in the master only.
     assert_exactly_once(collector, ok, 3, import_events=1 if preload else 4)
@@ -89,7 +89,7 @@ def test_gthread_workers_deliver_everything(tmp_path: Path, collector: Collector
         APP_TRACK_AT_IMPORT="1",
     )
     ok = load(server.port, 400, k=3, concurrency=12)
-    assert server.stop(signal.SIGTERM) == 0, server.output()
+    assert server.stop(signal.SIGTERM) == 0, server.output(5000)
     assert len(ok) == 400
     assert_exactly_once(collector, ok, 3, import_events=1)
 
@@ -106,7 +106,7 @@ def test_max_requests_recycling_under_load_delivers_everything(tmp_path: Path, c
         APP_TRACK_AT_IMPORT="1",
     )
     ok = load(server.port, 600, k=2)
-    assert server.stop(signal.SIGTERM) == 0, server.output()
+    assert server.stop(signal.SIGTERM) == 0, server.output(5000)
     assert server.output().count("Autorestarting worker") >= 4  # workers really recycled
     assert_exactly_once(collector, ok, 2, import_events=1)
 
@@ -117,7 +117,7 @@ def test_master_sigterm_under_load_delivers_everything_answered(tmp_path: Path, 
     loader = threading.Thread(target=lambda: ok.extend(load(server.port, 100_000, k=2, duration=8.0)))
     loader.start()
     time.sleep(2.0)
-    assert server.stop(signal.SIGTERM) == 0, server.output()
+    assert server.stop(signal.SIGTERM) == 0, server.output(5000)
     loader.join(30)
     assert len(ok) > 50
     expected = set(expected_ids(ok, 2))
@@ -138,6 +138,6 @@ def test_preload_master_that_does_not_track_raises_no_deprecation_warning(
     # cdpmp starts no thread at import, so a master that never tracks stays silent.
     server = gunicorn(tmp_path, collector, "--preload", python_flags=["-W", "error::DeprecationWarning"])
     ok = load(server.port, 100, k=1)
-    assert server.stop(signal.SIGTERM) == 0, server.output()
+    assert server.stop(signal.SIGTERM) == 0, server.output(5000)
     assert "DeprecationWarning" not in server.output()
     assert_exactly_once(collector, ok, 1, import_events=0)

@@ -16,6 +16,11 @@ What it does, and why:
   on the request thread, and the worker's exit sends the rest. Nothing is lost; the
   cost moves onto the request that fills a batch. Enable threads, or use shared mode,
   to keep it off the request path.
+* Loaded in the master (no ``lazy-apps``): uWSGI forks workers from C without
+  ``PyOS_AfterFork_Child``; a Python thread alive in the master at that moment leaves
+  the workers' interpreter state invalid (they deadlock at exit — uWSGI issues 1149,
+  1369). So the master starts no consumer: what it tracks (typically at import) is
+  sent inline, once. Call ``setup()`` before anything tracks.
 * Exit: chains ``uwsgi.atexit`` to drain within ``exit_timeout`` (``skip-atexit``
   disables Python's atexit, not this hook).
 """
@@ -71,6 +76,11 @@ def setup(uwsgi_module: Optional[Any] = None) -> bool:
     if not _threads_enabled(opt):
         logger.warning(THREADS_WARNING)
         _fork.disable_threads()
+    worker_id = getattr(uwsgi_module, "worker_id", lambda: 1)
+    if worker_id() == 0:
+        # Loaded in the master (no lazy-apps): workers will be forked from C. Keep the
+        # master thread-free; anything it tracks is sent inline.
+        _fork.keep_process_threadless()
     if _flag(opt.get("master", False)):
         from uwsgidecorators import postfork
 

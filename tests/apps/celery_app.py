@@ -1,0 +1,32 @@
+"""A Celery app for the prefork tests: kombu's filesystem broker (no server needed).
+
+``CELERY_FS_DIR`` names the broker folder. The one-line integration is the import.
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+import cdpmp.integrations.celery  # noqa: F401  (connects the worker signals)
+from cdpmp import analytics
+
+_folder = os.environ.get("CELERY_FS_DIR", "/tmp/cdpmp-celery")
+os.makedirs(_folder, exist_ok=True)
+
+app = Celery("cdpmp_tests", broker="filesystem://")
+app.conf.broker_transport_options = {"data_folder_in": _folder, "data_folder_out": _folder}
+app.conf.broker_connection_retry_on_startup = True
+app.conf.worker_hijack_root_logger = False
+
+
+@app.task(name="emit")
+def emit(rid: str, k: int) -> int:
+    accepted = 0
+    for j in range(k):
+        ok, _ = analytics.track(
+            user_id=rid, event="Task", message_id=f"{rid}-{j}", properties={"pid": os.getpid()}
+        )
+        accepted += int(ok)
+    return accepted

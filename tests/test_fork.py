@@ -1,0 +1,124 @@
+"""Fork safety in-process: real ``os.fork`` and a hook-less C ``fork()``.
+
+The parent queues events and holds the queue lock at the moment of the fork (as its
+consumer might); the child must not deadlock, must track and flush within its
+deadline, and must not resend the parent's queued events.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from typing import Callable
+
+import pytest
+
+import cdpmp
+from cdpmp.testing import Collector
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _wait_child(pid: int, timeout: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    raise AssertionError("child did not finish within its deadline")
+
+
+def _python_fork() -> int:
+    return os.fork()
+
+
+def _c_fork_without_hooks() -> int:
+    # PyDLL keeps the GIL during the call, like uWSGI's C fork; no Python hook runs.
+    return int(ctypes.PyDLL(None).fork())
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # 3.12+: fork with threads alive
+@pytest.mark.parametrize("fork", [_python_fork, _c_fork_without_hooks], ids=["os.fork", "c-fork-no-hooks"])
+def test_child_tracks_and_flushes_while_parent_held_the_queue_lock(
+    fork: Callable[[], int], collector: Collector, make_client: Callable[..., cdpmp.Client]
+) -> None:
+    client = make_client(upload_interval=60)  # the parent's events stay queued
+    parent_ids = [client.track("parent", "P", {"i": i})[1]["messageId"] for i in range(20)]
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold_lock() -> None:
+        with client._sink._lock:  # type: ignore[attr-defined]
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    held.wait(5)
+    pid = fork()
+    if pid == 0:  # child
+        code = 3
+        try:
+            ok = all(client.track("child", "C", {"i": i}, message_id=f"child-{i}")[0] for i in range(10))
+            code = 0 if ok and client.flush(timeout=10) else 1
+            if client.stats()["inherited_discarded"] != 20:
+                code = 2
+        finally:
+            os._exit(code)
+    release.set()
+    holder.join(5)
+    assert _wait_child(pid) == 0
+    assert client.flush(timeout=10)
+    counts = collections.Counter(collector.message_ids())
+    assert {m: n for m, n in counts.items() if n > 1} == {}
+    assert set(counts) == set(parent_ids) | {f"child-{i}" for i in range(10)}
+
+
+def test_module_facade_survives_fork(collector: Collector) -> None:
+    from cdpmp import analytics
+
+    analytics.write_key, analytics.endpoint = collector.write_key, collector.url
+    analytics.track("master", "Before Fork", message_id="before")
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            ok = analytics.track("child", "In Child", message_id="in-child")[0]
+            code = 0 if ok and analytics.flush(timeout=10) else 1
+        finally:
+            os._exit(code)
+    assert _wait_child(pid) == 0
+    assert analytics.flush(timeout=10)
+    assert sorted(collector.message_ids()) == ["before", "in-child"]
+
+
+def test_sigkilled_worker_loses_its_unsent_queue_in_direct_mode(collector: Collector) -> None:
+    """Measured, and stated in the README: direct mode loses what a killed process
+    had queued and not yet sent. Shared mode exists for this."""
+    script = textwrap.dedent(f"""
+        import sys, cdpmp
+        client = cdpmp.Client({collector.write_key!r}, endpoint={collector.url!r},
+                               upload_interval=60, upload_size=1000)
+        for i in range(500):
+            client.track(user_id="u", event="E", message_id=f"k{{i}}")
+        print("queued", flush=True)
+        sys.stdin.read()
+    """)
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    ) as proc:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"queued"
+        proc.kill()
+        proc.wait(10)
+    collector.wait_for(1, timeout=1.0)
+    assert len(collector.messages) == 0  # all 500 queued events were lost with the process

@@ -1,0 +1,79 @@
+"""Real uWSGI (the PyPI build), a master and 4 processes, events counted by messageId.
+
+Without ``lazy-apps`` the app is loaded in the master and workers are forked from C:
+no Python fork hook runs, so only cdpmp's pid check protects them.
+"""
+
+from __future__ import annotations
+
+import collections
+import shutil
+import signal
+import sys
+from pathlib import Path
+from typing import List
+
+import pytest
+
+from cdpmp.testing import Collector
+from tests.servers import BIN, Server, expected_ids, free_port, load, server_env
+
+pytestmark = [pytest.mark.servers, pytest.mark.timeout(180)]
+UWSGI = shutil.which("uwsgi", path=str(BIN))
+
+
+def uwsgi(tmp_path: Path, collector: Collector, *args: str, **env: str) -> Server:
+    if UWSGI is None:
+        pytest.fail("uwsgi is not installed: install the project with '.[test]'")
+    port = free_port()
+    cmd = [
+        UWSGI,
+        "--http-socket",
+        f"127.0.0.1:{port}",
+        "--master",
+        "--processes",
+        "4",
+        "--die-on-term",
+        "--need-app",
+        "--disable-logging",
+        "--virtualenv",
+        sys.prefix,
+        "--module",
+        "tests.apps.wsgi_app:app",
+        *args,
+    ]
+    server = Server(cmd, server_env(collector.url, collector.write_key, **env), tmp_path / "uwsgi.log", port)
+    server.wait_ready()
+    return server
+
+
+def delivered_request_ids(collector: Collector, ok: List[str], k: int, extra: int) -> None:
+    expected = set(expected_ids(ok, k))
+    assert collector.wait_for(len(expected) + extra, timeout=30)
+    counts = collections.Counter(collector.message_ids())
+    assert {mid: n for mid, n in counts.items() if n > 1} == {}
+    assert {mid for mid in counts if not mid.startswith("import-")} == expected
+    assert sum(mid.startswith("import-") for mid in counts) == extra
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["fork-from-master", "lazy-apps"])
+def test_uwsgi_with_threads_delivers_everything(lazy: bool, tmp_path: Path, collector: Collector) -> None:
+    args = ["--enable-threads"] + (["--lazy-apps"] if lazy else [])
+    server = uwsgi(tmp_path, collector, *args, APP_TRACK_AT_IMPORT="1")
+    if lazy:  # every worker imports the app itself; wait until all four did
+        server.wait_log("WSGI app 0 (mountpoint='') ready", 4)
+    ok = load(server.port, 400, k=3)
+    server.stop(signal.SIGTERM)
+    assert len(ok) == 400, server.output(5000)
+    # Without lazy-apps the import-time event is tracked once, in the master.
+    delivered_request_ids(collector, ok, 3, extra=4 if lazy else 1)
+
+
+def test_uwsgi_without_threads_warns_and_delivers_inline(tmp_path: Path, collector: Collector) -> None:
+    server = uwsgi(tmp_path, collector, APP_TRACK_AT_IMPORT="1")
+    ok = load(server.port, 300, k=3)
+    server.stop(signal.SIGTERM)
+    output = server.output()
+    assert "uWSGI is running without enable-threads" in output
+    assert len(ok) == 300, output[-5000:]
+    delivered_request_ids(collector, ok, 3, extra=1)
