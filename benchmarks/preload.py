@@ -24,8 +24,20 @@ def run_one(client: str, requests: int, k: int) -> Dict[str, Any]:
     with Collector(write_key="bench") as collector, tempfile.TemporaryDirectory() as tmp:
         port = free_port()
         conf = ["-c", "tests/apps/gunicorn_conf.py"] if client == "cdpmp" else []
-        cmd = [sys.executable, "-m", "gunicorn", *conf, "--bind", f"127.0.0.1:{port}", "--workers", "4",
-               "--preload", "--graceful-timeout", "20", "tests.apps.wsgi_app:app"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            *conf,
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "4",
+            "--preload",
+            "--graceful-timeout",
+            "20",
+            "tests.apps.wsgi_app:app",
+        ]
         env = server_env(collector.url, collector.write_key, APP_CLIENT=client, APP_TRACK_AT_IMPORT="1")
         server = Server(cmd, env, Path(tmp) / "log", port)
         server.wait_ready()
@@ -35,9 +47,13 @@ def run_one(client: str, requests: int, k: int) -> Dict[str, Any]:
         counts = collections.Counter(collector.message_ids())
         wanted = set(expected_ids(ok, k))
         delivered = len(wanted & set(counts))
-        return {"client": client, "tracked": len(wanted), "delivered": delivered,
-                "ratio": delivered / max(1, len(wanted)),
-                "duplicates": sum(n - 1 for n in counts.values() if n > 1)}
+        return {
+            "client": client,
+            "tracked": len(wanted),
+            "delivered": delivered,
+            "ratio": delivered / max(1, len(wanted)),
+            "duplicates": sum(n - 1 for n in counts.values() if n > 1),
+        }
 
 
 def run(requests: int = 400, k: int = 3) -> Dict[str, Any]:

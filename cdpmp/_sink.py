@@ -24,7 +24,7 @@ import logging
 import os
 import threading
 import time
-from typing import Deque, List, Optional, Protocol
+from typing import Any, Deque, Dict, List, Optional, Protocol
 
 from . import _fork
 from ._report import Counters, Reporter
@@ -41,6 +41,8 @@ _BATCH_ROOM = MAX_BATCH_BYTES - ENVELOPE_BYTES
 class Sink(Protocol):
     """What a client needs from a delivery mode."""
 
+    mode: str  # "direct", "shared" or "sync", as reported by stats()
+
     def put(self, data: bytes) -> bool:
         """Accept one serialised message, or return False (counted by the sink)."""
 
@@ -56,9 +58,14 @@ class Sink(Protocol):
     def depth(self) -> int:
         """Messages accepted but not yet delivered or failed."""
 
+    def stats(self) -> Dict[str, Any]:
+        """Mode-specific counters merged into ``Client.stats()``."""
+
 
 class SyncSink:
     """``sync_mode``: each message is sent inline, with the same retry policy."""
+
+    mode = "sync"
 
     def __init__(self, settings: Settings, counters: Counters, reporter: Reporter) -> None:
         self.transport = Transport(settings)
@@ -88,9 +95,14 @@ class SyncSink:
     def depth(self) -> int:
         return 0
 
+    def stats(self) -> Dict[str, Any]:
+        return {"retries": self.transport.retries, "requests": self.transport.requests}
+
 
 class DirectSink:
     """Bounded queue + lazily started consumer thread, per process."""
+
+    mode = "direct"
 
     def __init__(self, settings: Settings, counters: Counters, reporter: Reporter) -> None:
         self._settings = settings
@@ -125,6 +137,9 @@ class DirectSink:
 
     def depth(self) -> int:
         return len(self._queue) + self._in_flight
+
+    def stats(self) -> Dict[str, Any]:
+        return {"retries": self.transport.retries, "requests": self.transport.requests}
 
     # -- producer side -------------------------------------------------------------
 

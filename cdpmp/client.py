@@ -100,6 +100,12 @@ class Client:
     def _make_sink(self) -> Sink:
         if self.settings.sync_mode:
             return SyncSink(self.settings, self._counters, self._reporter)
+        if self.settings.mode == "shared" and self.settings.send:
+            from ._shared import make_shared_sink
+
+            sink = make_shared_sink(self.settings, self._counters, self._reporter)
+            if sink is not None:
+                return sink
         return DirectSink(self.settings, self._counters, self._reporter)
 
     def __repr__(self) -> str:
@@ -324,15 +330,13 @@ class Client:
     def stats(self) -> Dict[str, Any]:
         """Cheap counters for this client in this process."""
         snapshot = self._counters.snapshot()
-        transport = getattr(self._sink, "transport", None)
         snapshot.update(
-            mode="sync" if self.settings.sync_mode else self.settings.mode,
+            mode=self._sink.mode,
             pid=os.getpid(),
             depth=self._sink.depth(),
-            retries=getattr(transport, "retries", 0),
-            requests=getattr(transport, "requests", 0),
             last_error=self._reporter.last_error,
         )
+        snapshot.update(self._sink.stats())
         return snapshot
 
     def _reset_after_fork(self) -> None:

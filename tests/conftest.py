@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Iterator, List
 
 import pytest
@@ -45,3 +46,38 @@ def _reset_facade() -> Iterator[None]:
         setattr(analytics, name, value)
     analytics.default_client = None
     analytics._retired.clear()
+
+
+def uploader_processes(directory: str) -> List[Any]:
+    """Live uploader processes (not launchers) serving ``directory``."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        cmd = proc.info["cmdline"] or []
+        if ("cdpmp.uploader" in cmd or "uploader" in cmd) and directory in cmd and "--detach" not in cmd:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+    return found
+
+
+@pytest.fixture
+def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A private runtime directory for shared mode; its uploaders die with the test."""
+    import shutil
+    import tempfile
+
+    import psutil
+
+    path = tempfile.mkdtemp(prefix="cdpmp-rt-")
+    os.rmdir(path)  # cdpmp creates it, 0700
+    monkeypatch.setenv("CDP_RUNTIME_DIR", path)
+    monkeypatch.setenv("CDP_UPLOADER_IDLE_EXIT", "5")
+    yield path
+    procs = uploader_processes(path)
+    for proc in procs:
+        proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for proc in alive:
+        proc.kill()
+    shutil.rmtree(path, ignore_errors=True)

@@ -12,19 +12,26 @@ the user's first). Hooks, and where gunicorn calls them:
   recycling, SIGQUIT): drain the queue within ``min(exit_timeout, 0.8 *
   graceful_timeout)`` seconds, so gunicorn's SIGKILL never interrupts it.
 * ``worker_abort`` (worker, SIGABRT on timeout; SIGKILL follows): best effort, 1 s.
+* ``when_ready`` (master; shared mode only, ``CDP_MODE=shared``): start the host's
+  uploader before the first worker tracks, and wait up to 5 s for its heartbeat.
+* ``on_exit`` (master; shared mode only): stop the uploader, which drains the ring
+  within ``CDP_UPLOADER_DRAIN_TIMEOUT`` (20 s) first.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Callable, Dict, MutableMapping
 
 from .. import _fork
+from .._settings import ENV_MODE
 
 logger = logging.getLogger("cdpmp")
 
 ABORT_BUDGET = 1.0  # seconds: gunicorn SIGKILLs an aborted worker soon after
 GRACE_SHARE = 0.8  # share of graceful_timeout the exit drain may use
+STOP_BUDGET = 25.0  # seconds on_exit waits for the uploader to drain and exit
 
 
 def _budget(server: Any) -> float:
@@ -47,10 +54,34 @@ def worker_abort(worker: Any) -> None:
     _fork.drain_all(timeout=ABORT_BUDGET)
 
 
+def _shared_mode() -> bool:
+    return os.environ.get(ENV_MODE, "direct") == "shared"
+
+
+def when_ready(server: Any) -> None:
+    if _shared_mode():
+        from .._shared import ensure_uploader, host_ring
+
+        ring, directory = host_ring()
+        if not ensure_uploader(ring, directory, wait=5.0):
+            logger.warning("cdpmp: the shared-mode uploader did not start within 5 s")
+
+
+def on_exit(server: Any) -> None:
+    if _shared_mode():
+        from .._shared import host_ring, stop_uploader
+
+        ring, _ = host_ring()
+        if not stop_uploader(ring, timeout=STOP_BUDGET):
+            logger.warning("cdpmp: the uploader did not stop within %.0f s", STOP_BUDGET)
+
+
 HOOKS: Dict[str, Callable[..., None]] = {
     "post_fork": post_fork,
     "worker_exit": worker_exit,
     "worker_abort": worker_abort,
+    "when_ready": when_ready,
+    "on_exit": on_exit,
 }
 
 

@@ -1,0 +1,321 @@
+"""The shared-mode uploader: one process per host and user, ring → batches → HTTP.
+
+Run as ``python -m cdpmp.uploader`` / ``cdpmp uploader`` (foreground, for systemd or a
+sidecar), or started automatically by the first producer that finds none
+(``--detach``: a launcher that starts the real uploader in a new session and exits).
+
+Election: holding ``uploader.lock`` (filelock, an flock the kernel releases when the
+holder dies) for its whole life *is* being the uploader; a second one exits at once.
+
+Loop, every ``POLL`` seconds (a timer: producers never wake it, since a wake-up costs
+every put 11–14 µs): heartbeat; read a window of records from ``head``; group them by
+source into batches of at most ``upload_size`` and 500 KB; send when a batch is full,
+the oldest waiting record is ``upload_interval`` old, or we are draining. A batch that
+is acknowledged or definitively rejected (non-retryable 4xx → dead-letter file, 0600)
+is done; ``head`` advances over the done prefix only, so records leave the ring only
+when done. Retryable failures (5xx, 429, timeouts, connection errors) past the retry
+budget keep their records and back off: nothing is dropped while the endpoint is down;
+the host limit makes producers answer ``(False, msg)`` instead.
+
+Stop: SIGTERM/SIGINT → drain within ``CDP_UPLOADER_DRAIN_TIMEOUT`` seconds (default 20,
+below gunicorn's and Kubernetes' 30 s grace), then exit; what is left stays in the
+ring for the next uploader. Idle exit: the ring is empty and no registered producer
+process is alive for ``CDP_UPLOADER_IDLE_EXIT`` seconds (default 60).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Dict, List, Optional, Sequence, Set
+
+import filelock
+import psutil
+
+from ._retry import RetryPolicy
+from ._ring import Record, Ring
+from ._runtime import open_private, runtime_dir
+from ._settings import Settings, resolve
+from ._shared import read_sources
+from ._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES, Transport
+from .errors import APIError, DeliveryError, ShutdownAbandoned
+
+logger = logging.getLogger("cdpmp.uploader")
+
+POLL = 0.05  # seconds between ring polls
+WINDOW_RECORDS = 5000
+WINDOW_BYTES = 4 << 20
+ENV_DRAIN_TIMEOUT = "CDP_UPLOADER_DRAIN_TIMEOUT"
+ENV_IDLE_EXIT = "CDP_UPLOADER_IDLE_EXIT"
+_ROOM = MAX_BATCH_BYTES - ENVELOPE_BYTES
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+class Uploader:
+    def __init__(
+        self, directory: str, drain_timeout: Optional[float] = None, idle_exit: Optional[float] = None
+    ) -> None:
+        self.directory = directory
+        self.drain_timeout = _env_float(ENV_DRAIN_TIMEOUT, 20.0) if drain_timeout is None else drain_timeout
+        self.idle_exit = _env_float(ENV_IDLE_EXIT, 60.0) if idle_exit is None else idle_exit
+        self.stop = threading.Event()
+        self._sources: Dict[int, Settings] = {}
+        self._transports: Dict[int, Transport] = {}
+        self._acked: Set[int] = set()  # starts of records done but not yet released
+        self._first_seen: Optional[float] = None
+        self._backoff_until = 0.0
+        self._failures = 0
+        self._idle_since = time.monotonic()
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def _load_sources(self) -> None:
+        for key, entry in read_sources(self.directory).items():
+            sid = int(key)
+            if sid in self._sources:
+                continue
+            try:
+                settings = resolve(
+                    entry["write_key"],
+                    endpoint=entry["endpoint"],
+                    gzip=bool(entry["gzip"]),
+                    timeout=float(entry["timeout"]),
+                    max_retries=int(entry["max_retries"]),
+                    retry_budget=float(entry["retry_budget"]),
+                    upload_size=int(entry["upload_size"]),
+                    upload_interval=float(entry["upload_interval"]),
+                    env={},
+                )
+            except (KeyError, TypeError, ValueError):
+                logger.warning("cdpmp uploader: ignoring an invalid source entry %s", key)
+                continue
+            self._sources[sid] = settings
+            self._transports[sid] = Transport(settings)
+
+    def run(self) -> int:
+        lock = filelock.FileLock(os.path.join(self.directory, "uploader.lock"), mode=0o600)
+        try:
+            lock.acquire(timeout=0)
+        except filelock.Timeout:
+            return 0  # another uploader holds the election
+        try:
+            return self._serve()
+        finally:
+            lock.release()
+
+    def _serve(self) -> int:
+        self.ring = Ring(self.directory)
+        self.ring.recount()
+        me = psutil.Process()
+        self.ring.set_uploader(me.pid, me.create_time())
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop.set())
+        logger.info("cdpmp uploader %d serving %s", me.pid, self.directory)
+        while not self.stop.is_set():
+            self.ring.heartbeat()
+            if not self._cycle(draining=False):
+                if self._should_idle_exit():
+                    break
+                self.stop.wait(POLL)
+        self._drain()
+        self.ring.set_uploader(0, 0.0)
+        return 0
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.drain_timeout
+        self.stop.clear()  # retries may sleep again, bounded by the deadline
+        self._backoff_until = 0.0
+        while time.monotonic() < deadline:
+            self.ring.heartbeat()
+            head, tail, _ = self.ring.bounds()
+            if head == tail:
+                return
+            if not self._cycle(draining=True, deadline=deadline):
+                time.sleep(POLL)
+        logger.warning(
+            "cdpmp uploader: drain deadline passed; %d record(s) stay in the ring", self.ring.bounds()[2]
+        )
+
+    def _should_idle_exit(self) -> bool:
+        head, tail, _ = self.ring.bounds()
+        if head != tail or any(_producer_alive(pid, ctime) for pid, ctime in self.ring.producers()):
+            self._idle_since = time.monotonic()
+            return False
+        return time.monotonic() - self._idle_since >= self.idle_exit
+
+    # -- one pass ------------------------------------------------------------------------
+
+    def _cycle(self, draining: bool, deadline: Optional[float] = None) -> bool:
+        """Send what is due; True if something was sent or released."""
+        now = time.monotonic()
+        if now < self._backoff_until and not draining:
+            return False
+        head, tail, _ = self.ring.bounds()
+        if head == tail:
+            self._first_seen = None
+            return False
+        if self._first_seen is None:
+            self._first_seen = now
+        records = [
+            r for r in self.ring.read(head, WINDOW_RECORDS, WINDOW_BYTES) if r.start not in self._acked
+        ]
+        for rec in records:
+            if rec.payload and rec.source not in self._sources:
+                self._load_sources()
+        batches = self._batches(records)
+        due = (
+            draining
+            or any(
+                len(batch) >= self._sources[sid].upload_size
+                or sum(len(r.payload) + 1 for r in batch) >= _ROOM
+                for sid, batch in batches
+            )
+            or any(now - self._first_seen >= self._sources[sid].upload_interval for sid, _ in batches)
+        )
+        if not due and all(r.payload for r in records):
+            return False
+        for rec in records:
+            if not rec.payload or rec.source not in self._sources:
+                if rec.payload:
+                    self.ring.bump("unknown_source")
+                self._acked.add(rec.start)
+        for sid, batch in batches:
+            if not self._send(sid, batch, deadline):
+                break
+        self._release(head)
+        self._first_seen = None if self.ring.bounds()[0] == self.ring.bounds()[1] else time.monotonic()
+        return True
+
+    def _batches(self, records: List[Record]) -> List[tuple[int, List[Record]]]:
+        open_batches: Dict[int, List[Record]] = {}
+        sizes: Dict[int, int] = {}
+        out: List[tuple[int, List[Record]]] = []
+        for rec in records:
+            settings = self._sources.get(rec.source)
+            if not rec.payload or settings is None:
+                continue
+            batch = open_batches.setdefault(rec.source, [])
+            size = len(rec.payload) + 1
+            if batch and (len(batch) >= settings.upload_size or sizes[rec.source] + size > _ROOM):
+                out.append((rec.source, batch))
+                batch = open_batches[rec.source] = []
+                sizes[rec.source] = 0
+            batch.append(rec)
+            sizes[rec.source] = sizes.get(rec.source, 0) + size
+        out.extend((sid, batch) for sid, batch in open_batches.items() if batch)
+        out.sort(key=lambda item: item[1][0].start)
+        return out
+
+    def _send(self, sid: int, batch: List[Record], deadline: Optional[float]) -> bool:
+        transport = self._transports[sid]
+        before = (transport.requests, transport.retries)
+        error = transport.send([r.payload for r in batch], self.stop, deadline)
+        self.ring.bump("requests", transport.requests - before[0])
+        if transport.retries > before[1]:
+            self.ring.bump("retries", transport.retries - before[1])
+        if error is None:
+            self.ring.bump("sent", len(batch))
+            self.ring.bump("batches")
+            self._failures = 0
+        elif _definitive(error):
+            self._dead_letter(sid, batch, error)
+        else:
+            self.ring.set_error(str(error))
+            self._failures += 1
+            pause = RetryPolicy(backoff_base=0.5, backoff_cap=5.0).delay(self._failures)
+            self._backoff_until = time.monotonic() + pause
+            logger.warning(
+                "cdpmp uploader: %s; keeping %d record(s), retrying in %.1fs", error, len(batch), pause
+            )
+            return False
+        self._acked.update(r.start for r in batch)
+        return True
+
+    def _release(self, head: int) -> None:
+        """Advance head over the done prefix of the ring."""
+        new_head, released = head, 0
+        for rec in self.ring.read(head, WINDOW_RECORDS * 2, WINDOW_BYTES * 2):
+            if rec.start not in self._acked:
+                break
+            self._acked.discard(rec.start)
+            new_head = rec.end
+            released += 1 if rec.payload else 0
+        if new_head != head:
+            self.ring.release(new_head, released)
+
+    def _dead_letter(self, sid: int, batch: List[Record], error: DeliveryError) -> None:
+        self.ring.bump("failed", len(batch))
+        self.ring.bump("dead_lettered", len(batch))
+        self.ring.set_error(str(error))
+        logger.warning(
+            "cdpmp uploader: batch of %d rejected (%s); written to dead-letter.jsonl", len(batch), error
+        )
+        line = (
+            json.dumps(
+                {
+                    "time": time.time(),
+                    "source": sid,
+                    "error": str(error),
+                    "batch": [json.loads(r.payload) for r in batch],
+                }
+            ).encode()
+            + b"\n"
+        )
+        fd = open_private(
+            os.path.join(self.directory, "dead-letter.jsonl"), os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        )
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+
+def _definitive(error: DeliveryError) -> bool:
+    if isinstance(error, ShutdownAbandoned):
+        return False
+    return isinstance(error, APIError) and 400 <= error.status < 500 and error.status not in (408, 429)
+
+
+def _producer_alive(pid: int, create_time: float) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE and (
+            not create_time or abs(proc.create_time() - create_time) < 1
+        )
+    except psutil.Error:
+        return False
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="cdpmp uploader", description="Run the shared-mode uploader.")
+    parser.add_argument("--dir", help="runtime directory (default: as producers resolve it)")
+    parser.add_argument("--detach", action="store_true", help="start it in the background and return")
+    args = parser.parse_args(argv)
+    directory = args.dir or runtime_dir()
+    if args.detach:
+        subprocess.Popen(
+            [sys.executable, "-m", "cdpmp.uploader", "--dir", directory],
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+        )
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return Uploader(directory).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

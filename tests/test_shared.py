@@ -1,0 +1,280 @@
+"""Shared mode with real processes: the ring, the uploader, kills, limits, files.
+
+Every test gets its own runtime directory (``runtime_dir``) and counts delivered
+events by messageId at the strict collector.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import pytest
+
+import cdpmp
+from cdpmp._ring import Ring
+from cdpmp.testing import Collector, Fault
+from tests.conftest import uploader_processes
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _shared(collector: Collector, **options: Any) -> cdpmp.Client:
+    options.setdefault("upload_interval", 0.05)
+    return cdpmp.Client(collector.write_key, endpoint=collector.url, mode="shared", **options)
+
+
+def _run(script: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    )
+
+
+def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_forked_workers_flooding_past_the_host_limit(runtime_dir: str, collector: Collector) -> None:
+    limit, workers, per_worker = 300, 4, 200
+    collector.fail_next(10**6, status=503)  # the endpoint is down: nothing leaves the ring
+    client = _shared(collector, max_queue_size=limit, retry_budget=0.5)
+    client.track("master", "warm-up", message_id="warm-up")
+    results = Path(runtime_dir).parent / f"{Path(runtime_dir).name}-results"
+    results.mkdir()
+    pids = []
+    for w in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                accepted = [
+                    f"w{w}-{i}"
+                    for i in range(per_worker)
+                    if client.track("u", "E", message_id=f"w{w}-{i}")[0]
+                ]
+                (results / f"{w}.json").write_text(json.dumps(accepted))
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    for pid in pids:
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    accepted = ["warm-up"] + [
+        mid for w in range(workers) for mid in json.loads((results / f"{w}.json").read_text())
+    ]
+    host = client.stats()["host"]
+    assert host["depth"] <= limit and len(accepted) <= limit
+    assert host["accepted"] == len(accepted)
+    assert host["queue_full"] == workers * per_worker + 1 - len(accepted)  # every rejection counted
+    collector.reset()  # the endpoint is back
+    assert client.flush(timeout=30)
+    counts = collections.Counter(collector.message_ids())
+    assert set(counts) == set(accepted)
+    assert {m: n for m, n in counts.items() if n > 1} == {}
+
+
+def test_worker_sigkilled_right_after_track_loses_nothing(runtime_dir: str, collector: Collector) -> None:
+    script = f"""
+        import os, signal, cdpmp
+        c = cdpmp.Client({collector.write_key!r}, endpoint={collector.url!r}, mode="shared")
+        ok = [c.track("u", "E", message_id=f"k{{i}}")[0] for i in range(300)]
+        assert all(ok)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert collector.wait_for(300, timeout=30)
+    assert sorted(collector.message_ids()) == sorted(f"k{i}" for i in range(300))
+
+
+def test_uploader_sigkilled_mid_batch_is_replaced_and_nothing_is_lost(
+    runtime_dir: str, collector: Collector
+) -> None:
+    client = _shared(collector, upload_size=100)
+    ids = [client.track("u", "warm-up")[1]["messageId"]]
+    assert client.flush(timeout=10)  # the uploader runs
+    (first,) = uploader_processes(runtime_dir)
+    collector.script([Fault(delay=3.0)])  # accepted, then answered late: the uploader is mid-batch
+    ids += [client.track("u", "E", {"i": i})[1]["messageId"] for i in range(250)]
+    assert _wait(lambda: len(collector.requests) >= 2, 10)
+    first.kill()
+    first.wait(10)
+    assert client.flush(timeout=30)  # a producer notices and starts a new uploader
+    (second,) = uploader_processes(runtime_dir)
+    assert second.pid != first.pid
+    counts = collections.Counter(collector.message_ids())
+    assert set(counts) == set(ids)
+    duplicates = {m: n for m, n in counts.items() if n > 1}
+    # Only the batch in flight when the uploader died may be resent, with its messageIds.
+    assert len(duplicates) <= 100 and all(n == 2 for n in duplicates.values())
+    print(f"resent after uploader SIGKILL: {len(duplicates)} duplicate(s) of one batch")
+
+
+def test_two_uploaders_racing_elect_exactly_one(runtime_dir: str, collector: Collector) -> None:
+    _shared(collector)  # creates the ring
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "cdpmp.uploader", "--dir", runtime_dir]) for _ in range(3)
+    ]
+    time.sleep(1.5)
+    codes = [p.poll() for p in procs]
+    assert codes.count(None) == 1 and codes.count(0) == 2  # the losers exit cleanly
+    assert len(uploader_processes(runtime_dir)) == 1
+    for p in procs:
+        p.terminate()
+        p.wait(20)
+
+
+def test_racing_producers_spawn_one_uploader(runtime_dir: str, collector: Collector) -> None:
+    script = f"""
+        import cdpmp
+        c = cdpmp.Client({collector.write_key!r}, endpoint={collector.url!r}, mode="shared",
+                         upload_interval=0.05)
+        c.track("u", "E")
+        assert c.flush(timeout=20)
+    """
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)]) for _ in range(6)]
+    assert all(p.wait(60) == 0 for p in procs)
+    assert len(uploader_processes(runtime_dir)) == 1
+    assert len(collector.unique_ids()) == 6
+
+
+def test_stale_files_after_kill_9_of_everything_recover(runtime_dir: str, collector: Collector) -> None:
+    collector.fail_next(10**6, status=503)
+    script = f"""
+        import sys, cdpmp
+        c = cdpmp.Client({collector.write_key!r}, endpoint={collector.url!r}, mode="shared", retry_budget=0.2)
+        for i in range(100):
+            assert c.track("u", "E", message_id=f"s{{i}}")[0]
+        c.flush(timeout=1.0)  # let the uploader start and fail
+        print("ready", flush=True)
+        sys.stdin.read()
+    """
+    with subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    ) as producer:
+        assert producer.stdout is not None and producer.stdout.readline().strip() == b"ready"
+        for proc in uploader_processes(runtime_dir):
+            proc.kill()
+        producer.kill()
+    collector.reset()
+    client = _shared(collector)
+    assert client.flush(timeout=30)
+    assert sorted(set(collector.message_ids())) == sorted(f"s{i}" for i in range(100))
+
+
+def test_idle_work_from_eight_workers_is_sent_in_fewer_requests(
+    runtime_dir: str, collector: Collector
+) -> None:
+    """8 workers × 5 events/s for 2 s: shared mode sends at most as many HTTP requests as
+    one process at that rate would (the same script, run once in direct mode)."""
+    worker = f"""
+        import sys, time, cdpmp
+        c = cdpmp.Client({collector.write_key!r}, endpoint={collector.url!r}, mode=sys.argv[1],
+                         upload_interval=0.5)
+        for i in range(10):
+            c.track("u", "E")
+            time.sleep(0.2)
+        assert c.flush(timeout=20)
+    """
+    _run(worker.replace("sys.argv[1]", "'direct'"))
+    one_process = len(collector.requests)
+    collector.reset()
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(worker), "shared"]) for _ in range(8)]
+    assert all(p.wait(60) == 0 for p in procs)
+    assert len(collector.unique_ids()) == 80
+    print(f"requests: one process {one_process}, 8 shared-mode workers {len(collector.requests)}")
+    assert len(collector.requests) <= one_process
+
+
+def test_runtime_files_are_private(runtime_dir: str, collector: Collector) -> None:
+    client = _shared(collector)
+    client.track("u", "E")
+    assert client.flush(timeout=10)
+    assert stat.S_IMODE(os.stat(runtime_dir).st_mode) == 0o700
+    for name in os.listdir(runtime_dir):
+        assert stat.S_IMODE(os.stat(os.path.join(runtime_dir, name)).st_mode) == 0o600, name
+    for proc in uploader_processes(runtime_dir):
+        assert collector.write_key not in " ".join(proc.cmdline())
+    assert collector.write_key not in Path(runtime_dir, "uploader.log").read_text()
+
+
+def _warns_and_falls_back(collector: Collector, caplog: pytest.LogCaptureFixture) -> None:
+    client = _shared(collector)
+    assert client.stats()["mode"] == "direct"
+    assert "shared mode unavailable" in caplog.text
+    client.track("u", "E")
+    assert client.flush(timeout=10) and len(collector.messages) == 1
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to create a directory owned by another uid")
+def test_directory_owned_by_another_uid_is_refused(
+    runtime_dir: str, collector: Collector, caplog: pytest.LogCaptureFixture
+) -> None:
+    os.mkdir(runtime_dir, 0o700)
+    os.chown(runtime_dir, 65534, 65534)
+    _warns_and_falls_back(collector, caplog)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to create a file owned by another uid")
+def test_ring_owned_by_another_uid_is_refused(
+    runtime_dir: str, collector: Collector, caplog: pytest.LogCaptureFixture
+) -> None:
+    os.mkdir(runtime_dir, 0o700)
+    ring = os.path.join(runtime_dir, "ring")
+    Path(ring).write_bytes(b"")
+    os.chown(ring, 65534, 65534)
+    _warns_and_falls_back(collector, caplog)
+
+
+def test_incompatible_ring_version_falls_back_to_direct(
+    runtime_dir: str, collector: Collector, caplog: pytest.LogCaptureFixture
+) -> None:
+    os.mkdir(runtime_dir, 0o700)
+    Ring(runtime_dir, capacity=4096).close()
+    with open(os.path.join(runtime_dir, "ring"), "r+b") as fh:
+        fh.seek(8)
+        fh.write((99).to_bytes(4, "little"))
+    _warns_and_falls_back(collector, caplog)
+
+
+def test_stats_report_host_wide_counters(runtime_dir: str, collector: Collector) -> None:
+    a, b = _shared(collector), _shared(collector)
+    for i in range(10):
+        a.track("u", "A", {"i": i})
+        b.track("u", "B", {"i": i})
+    assert a.flush(timeout=10) and b.flush(timeout=10)
+    host: Dict[str, Any] = a.stats()["host"]
+    assert host["accepted"] == 20 and host["sent"] == 20 and host["depth"] == 0
+    assert host["uploader_pid"] == uploader_processes(runtime_dir)[0].pid
+    assert host["heartbeat_age"] is not None and host["heartbeat_age"] < 5
+
+
+def test_definitive_rejection_goes_to_the_dead_letter_file(runtime_dir: str, collector: Collector) -> None:
+    collector.script([Fault(status=400)])
+    client = _shared(collector)
+    _, msg = client.track("u", "E")
+    assert client.flush(timeout=10)
+    lines: List[Dict[str, Any]] = [
+        json.loads(x) for x in Path(runtime_dir, "dead-letter.jsonl").read_text().splitlines()
+    ]
+    assert [m["messageId"] for m in lines[0]["batch"]] == [msg["messageId"]]
+    assert stat.S_IMODE(os.stat(os.path.join(runtime_dir, "dead-letter.jsonl")).st_mode) == 0o600
+    assert client.stats()["host"]["dead_lettered"] == 1
