@@ -73,7 +73,7 @@ COUNTERS = (
     "requests",
     "retries",
     "dead_lettered",
-    "resent",
+    "spawns",
     "corrupt",
     "unknown_source",
     "reserved",
@@ -270,6 +270,7 @@ class Ring:
             if now - last < min_interval:
                 return False
             struct.pack_into("<d", self.mm, _SPAWN_AT, now)
+            self._bump_locked("spawns")
             return True
 
     # -- counters ------------------------------------------------------------------------

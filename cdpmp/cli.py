@@ -1,4 +1,4 @@
-"""The ``cdpmp`` command: ``demo``, ``collector``, ``track``.
+"""The ``cdpmp`` command: ``demo``, ``collector``, ``track``, ``stats``, ``uploader``.
 
 Write keys are read from ``--write-key-file`` or ``CDP_WRITE_KEY`` by preference:
 ``--write-key`` works too, but a process's argv is visible to every user of the host.
@@ -89,10 +89,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"{summary['duplicates']} duplicates) in {summary['requests']} requests {summary['statuses']}"
     )
     print(f"  by type: {summary['types']}")
-    print(f"  this process: sent={stats['sent']} batches={stats['batches']} dropped={stats['dropped']}")
+    if "host" in stats:
+        host = stats["host"]
+        print(
+            f"  host (shared ring): accepted={host['accepted']} sent={host['sent']} "
+            f"batches={host['batches']} requests={host['requests']} queue_full={host['queue_full']} "
+            f"uploader pid={host['uploader_pid']}"
+        )
+        _stop_demo_uploader()
+    else:
+        print(f"  this process: sent={stats['sent']} batches={stats['batches']} dropped={stats['dropped']}")
     ok = drained and summary["unique"] == accepted and summary["duplicates"] == 0
     print("  result:", "all events arrived exactly once" if ok else "MISMATCH")
     return 0 if ok else 1
+
+
+def _stop_demo_uploader() -> None:
+    from ._shared import host_ring, stop_uploader
+
+    ring, _ = host_ring()
+    stop_uploader(ring, timeout=25)
 
 
 def _fork_workers(analytics: Any, workers: int, events: int) -> int:
@@ -157,6 +173,25 @@ def cmd_track(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from ._runtime import RuntimeDirError
+    from ._shared import host_ring
+
+    try:
+        ring, directory = host_ring()
+    except (RuntimeDirError, OSError) as exc:
+        print(f"cdpmp stats: no shared ring here ({exc})", file=sys.stderr)
+        return 1
+    print(json.dumps({"runtime_dir": directory, **ring.counters()}, indent=2))
+    return 0
+
+
+def cmd_uploader(args: argparse.Namespace) -> int:
+    from .uploader import main as uploader_main
+
+    return uploader_main(["--dir", args.dir] if args.dir else [])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdpmp", description="Customer.io Data Pipelines client tools.")
     parser.add_argument("--version", action="version", version=__version__)
@@ -185,6 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
     track.add_argument("--event", required=True)
     track.add_argument("--properties", help="JSON object")
     track.set_defaults(func=cmd_track)
+
+    stats = sub.add_parser("stats", help="print the host-wide shared-mode counters (ring and uploader)")
+    stats.set_defaults(func=cmd_stats)
+
+    uploader = sub.add_parser(
+        "uploader", help="run the shared-mode uploader in the foreground (for systemd or a sidecar)"
+    )
+    uploader.add_argument(
+        "--dir", help="runtime directory (default: $CDP_RUNTIME_DIR or /dev/shm/cdpmp-<uid>)"
+    )
+    uploader.set_defaults(func=cmd_uploader)
     return parser
 
 

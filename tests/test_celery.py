@@ -7,25 +7,27 @@ the ``worker_process_shutdown`` signal can drain its queue.
 from __future__ import annotations
 
 import collections
-import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from cdpmp.testing import Collector
-from tests.servers import Server, server_env
+from tests.servers import ROOT, Server, server_env
 
 pytestmark = [pytest.mark.servers, pytest.mark.timeout(180)]
 
 
+@pytest.mark.parametrize("mode", ["direct", "shared"])
 def test_prefork_children_deliver_everything(
-    tmp_path: Path, collector: Collector, monkeypatch: pytest.MonkeyPatch
+    mode: str, tmp_path: Path, collector: Collector, request: pytest.FixtureRequest
 ) -> None:
     folder = tmp_path / "broker"
-    monkeypatch.setenv("CELERY_FS_DIR", str(folder))
-    env = server_env(collector.url, collector.write_key, CELERY_FS_DIR=str(folder))
+    env = server_env(collector.url, collector.write_key, CELERY_FS_DIR=str(folder), CDP_MODE=mode)
+    if mode == "shared":
+        env["CDP_RUNTIME_DIR"] = request.getfixturevalue("runtime_dir")
     cmd = [
         sys.executable,
         "-m",
@@ -47,18 +49,23 @@ def test_prefork_children_deliver_everything(
     ]
     worker = Server(cmd, env, tmp_path / "celery.log", port=0)
     try:
-        from tests.apps.celery_app import emit
-
         tasks, k = 30, 5
-        for n in range(tasks):
-            emit.delay(f"t{n}", k)
+        # Published from a fresh process: the app module reads its broker folder at
+        # import, so importing it here would pin every test to the first folder.
+        publish = (
+            f"from tests.apps.celery_app import emit\nfor n in range({tasks}): emit.delay(f't{{n}}', {k})"
+        )
+        subprocess.run([sys.executable, "-c", publish], env=env, cwd=ROOT, check=True, timeout=60)
         expected = {f"t{n}-{j}" for n in range(tasks) for j in range(k)}
         arrived = collector.wait_for(len(expected), timeout=90)
     finally:
         worker.stop(signal.SIGTERM, timeout=60)
-    assert arrived, worker.output(5000)
+    uploader_log = ""
+    if mode == "shared":
+        log = Path(env["CDP_RUNTIME_DIR"], "uploader.log")
+        uploader_log = log.read_text() if log.exists() else "(no uploader.log)"
+    assert arrived, worker.output(5000) + uploader_log + str(collector.summary())
     counts = collections.Counter(collector.message_ids())
     assert {mid: n for mid, n in counts.items() if n > 1} == {}
     assert set(counts) == expected
     assert worker.output().count("succeeded in") == tasks
-    assert os.environ["CELERY_FS_DIR"] == str(folder)

@@ -141,3 +141,42 @@ def test_preload_master_that_does_not_track_raises_no_deprecation_warning(
     assert server.stop(signal.SIGTERM) == 0, server.output(5000)
     assert "DeprecationWarning" not in server.output()
     assert_exactly_once(collector, ok, 1, import_events=0)
+
+
+def test_shared_mode_preload_recycling_then_sigterm(
+    tmp_path: Path, collector: Collector, runtime_dir: str
+) -> None:
+    from tests.conftest import uploader_processes
+
+    server = gunicorn(
+        tmp_path,
+        collector,
+        "--preload",
+        "--max-requests",
+        "20",
+        "--max-requests-jitter",
+        "10",
+        APP_TRACK_AT_IMPORT="1",
+        CDP_MODE="shared",
+        CDP_RUNTIME_DIR=runtime_dir,
+    )
+    seen: set[int] = set()
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.update(p.pid for p in uploader_processes(runtime_dir))
+            stop.wait(0.1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        ok = load(server.port, 600, k=2)
+        assert server.stop(signal.SIGTERM) == 0, server.output(5000)
+    finally:
+        stop.set()
+        watcher.join(10)
+    assert server.output().count("Autorestarting worker") >= 4
+    assert len(seen) == 1  # one uploader the whole time, across every worker recycle
+    assert uploader_processes(runtime_dir) == []  # on_exit stopped it
+    assert_exactly_once(collector, ok, 2, import_events=1)

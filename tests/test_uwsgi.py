@@ -33,7 +33,9 @@ def uwsgi(tmp_path: Path, collector: Collector, *args: str, **env: str) -> Serve
         "--master",
         "--processes",
         "4",
-        "--die-on-term",
+        # uWSGI 2.0 treats SIGTERM as a brutal reload; this makes it a graceful stop.
+        "--hook-master-start",
+        "unix_signal:15 gracefully_kill_them_all",
         "--need-app",
         "--disable-logging",
         "--virtualenv",
