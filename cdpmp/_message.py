@@ -32,6 +32,7 @@ import enum
 import logging
 import math
 import os
+import time
 import uuid
 from decimal import Decimal
 from typing import Any, Dict, Optional, Set, Tuple
@@ -137,8 +138,21 @@ def new_message_id() -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+# (second, "YYYY-MM-DDTHH:MM:SS") of the last call: formatting a datetime costs ≈1 µs,
+# this ≈0.4 µs. A pure cache, replaced by one tuple store, so threads cannot tear it.
+_second_cache: Tuple[int, str] = (-1, "")
+
+
 def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+    """The current UTC time, ISO-8601 with milliseconds and ``+00:00``."""
+    global _second_cache
+    now = time.time()
+    second = int(now)
+    cached, prefix = _second_cache
+    if cached != second:
+        prefix = _dt.datetime.fromtimestamp(second, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        _second_cache = (second, prefix)
+    return f"{prefix}.{int((now - second) * 1000):03d}+00:00"
 
 
 def format_timestamp(value: object) -> str:

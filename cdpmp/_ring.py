@@ -79,6 +79,8 @@ COUNTERS = (
     "reserved",
 )
 _COUNTERS_AT = 64
+_ACCEPTED_AT = _COUNTERS_AT  # "accepted" is the first counter
+_U64 = struct.Struct("<Q")
 _UPLOADER = struct.Struct("<Qdd")  # pid, create time, heartbeat at 160
 _SPAWN_AT = 184
 _ERROR_AT, _ERROR_LEN = 192, 256
@@ -158,26 +160,33 @@ class Ring:
 
     def put(self, source: int, payload: bytes) -> bool:
         """Append one record; False (and ``queue_full`` counted) when the host is full."""
-        need = REC.size + _aligned(len(payload))
-        mm = self.mm
-        cap = self.capacity
-        with self._locked():
-            head, tail, count = HEAD_TAIL_COUNT.unpack_from(mm, 32)
-            pos = tail % cap
-            gap = cap - pos if cap - pos < need else 0
-            if count >= self.max_count or (tail - head) + gap + need > cap:
-                self._bump_locked("queue_full")
-                return False
-            if gap:
-                if gap >= REC.size:
-                    REC.pack_into(mm, HEADER_SIZE + pos, gap - REC.size, PAD, 0)
-                tail += gap
-                pos = 0
-            at = HEADER_SIZE + pos
-            REC.pack_into(mm, at, len(payload), RECORD, source)
-            mm[at + REC.size : at + REC.size + len(payload)] = payload
-            TAIL_COUNT.pack_into(mm, 40, tail + need, count + 1)
-            self._bump_locked("accepted")
+        size = len(payload)
+        need = REC.size + ((size + 7) & ~7)
+        mm, cap = self.mm, self.capacity
+        # Explicit acquire/release instead of the _locked() context manager: this is
+        # the producer's hot path and a generator-based context costs ≈1 µs.
+        with self._tlock:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                head, tail, count = HEAD_TAIL_COUNT.unpack_from(mm, 32)
+                pos = tail % cap
+                gap = cap - pos if cap - pos < need else 0
+                if count >= self.max_count or (tail - head) + gap + need > cap:
+                    self._bump_locked("queue_full")
+                    return False
+                if gap:
+                    if gap >= REC.size:
+                        REC.pack_into(mm, HEADER_SIZE + pos, gap - REC.size, PAD, 0)
+                    tail += gap
+                    pos = 0
+                at = HEADER_SIZE + pos
+                REC.pack_into(mm, at, size, RECORD, source)
+                mm[at + REC.size : at + REC.size + size] = payload
+                TAIL_COUNT.pack_into(mm, 40, tail + need, count + 1)
+                (accepted,) = _U64.unpack_from(mm, _ACCEPTED_AT)
+                _U64.pack_into(mm, _ACCEPTED_AT, accepted + 1)
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         return True
 
     def register_producer(self, pid: int, create_time: float) -> None:

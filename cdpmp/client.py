@@ -35,6 +35,12 @@ logger = logging.getLogger("cdpmp")
 
 DEFAULT_FLUSH_TIMEOUT = 30.0  # seconds flush()/join()/shutdown() wait when not told
 LIBRARY = {"name": LIBRARY_NAME, "version": __version__}
+_NO_CONTEXT: Dict[str, Any] = {}
+
+
+def _with_library(context: Dict[str, Any]) -> Dict[str, Any]:
+    # Fresh dicts every time: the caller gets the message back and may change it.
+    return {**context, "library": dict(LIBRARY)}
 Result = Tuple[bool, Dict[str, Any]]
 
 
@@ -271,11 +277,12 @@ class Client:
         message_id: Any,
         identity: bool = True,
     ) -> Dict[str, Any]:
-        uid = identifier("user_id", user_id)
-        aid = identifier("anonymous_id", anonymous_id)
+        # The common cases (str ids, no context) skip the validating helpers: this
+        # runs on every call of every request.
+        uid = user_id if user_id is None or type(user_id) is str else identifier("user_id", user_id)
+        aid = anonymous_id if anonymous_id is None else identifier("anonymous_id", anonymous_id)
         if identity and uid is None and aid is None:
             raise MissingIdentity()
-        ctx = mapping("context", context)
         mid = new_message_id() if message_id is None else identifier("message_id", message_id)
         if not mid:
             raise MissingIdentity.for_argument("message_id")
@@ -284,8 +291,8 @@ class Client:
             "messageId": mid,
             "timestamp": now_iso() if timestamp is None else format_timestamp(timestamp),
             # A new dict: the caller's context is never mutated.
-            "context": {**ctx, "library": LIBRARY} if ctx else {"library": LIBRARY},
-            "integrations": mapping("integrations", integrations),
+            "context": _with_library(_NO_CONTEXT if context is None else mapping("context", context)),
+            "integrations": {} if integrations is None else mapping("integrations", integrations),
         }
         if uid is not None:
             msg["userId"] = uid
