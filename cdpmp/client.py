@@ -41,6 +41,8 @@ _NO_CONTEXT: Dict[str, Any] = {}
 def _with_library(context: Dict[str, Any]) -> Dict[str, Any]:
     # Fresh dicts every time: the caller gets the message back and may change it.
     return {**context, "library": dict(LIBRARY)}
+
+
 Result = Tuple[bool, Dict[str, Any]]
 
 

@@ -25,6 +25,7 @@ import gzip
 import socket
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 
@@ -64,6 +65,7 @@ class RequestRecord:
     body_bytes: int
     messages: int
     error: str = ""
+    via_proxy: bool = False
 
 
 class SchemaError(ValueError):
@@ -330,12 +332,15 @@ def _make_handler(collector: Collector) -> type:
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length)
-            if self.path != "/v1/batch":
+            # Absolute-form targets ("POST http://host/v1/batch") arrive when a client
+            # uses the collector as its HTTP proxy; the tests use that to prove proxies work.
+            if urllib.parse.urlsplit(self.path).path != "/v1/batch":
                 self._answer(404, b'{"code":"not_found","message":"no such path"}')
                 return
             fault = collector._next_fault()
             auth = (self.headers.get("Authorization") or "").split(" ")[0]
             record: Dict[str, Any] = {
+                "via_proxy": self.path.startswith("http"),
                 "auth_scheme": auth,
                 "user_agent": self.headers.get("User-Agent", ""),
                 "content_encoding": self.headers.get("Content-Encoding", ""),

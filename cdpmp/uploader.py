@@ -163,41 +163,44 @@ class Uploader:
         now = time.monotonic()
         if now < self._backoff_until and not draining:
             return False
-        head, tail, _ = self.ring.bounds()
+        head, tail, count = self.ring.bounds()
         if head == tail:
             self._first_seen = None
             return False
         if self._first_seen is None:
             self._first_seen = now
-        records = [
-            r for r in self.ring.read(head, WINDOW_RECORDS, WINDOW_BYTES) if r.start not in self._acked
-        ]
-        for rec in records:
-            if rec.payload and rec.source not in self._sources:
-                self._load_sources()
-        batches = self._batches(records)
-        due = (
-            draining
-            or any(
-                len(batch) >= self._sources[sid].upload_size
-                or sum(len(r.payload) + 1 for r in batch) >= _ROOM
-                for sid, batch in batches
-            )
-            or any(now - self._first_seen >= self._sources[sid].upload_interval for sid, _ in batches)
-        )
-        if not due and all(r.payload for r in records):
-            return False
-        for rec in records:
+        if not draining and not self._due(count, tail - head, now):
+            return False  # decided from the header alone: no parsing while we wait
+        window = self.ring.read(head, WINDOW_RECORDS, WINDOW_BYTES)
+        if any(r.payload and r.source not in self._sources for r in window):
+            self._load_sources()
+        pending = []
+        for rec in window:
+            if rec.start in self._acked:
+                continue
             if not rec.payload or rec.source not in self._sources:
                 if rec.payload:
                     self.ring.bump("unknown_source")
-                self._acked.add(rec.start)
-        for sid, batch in batches:
+                self._acked.add(rec.start)  # nothing to send: free it with the rest
+            else:
+                pending.append(rec)
+        for sid, batch in self._batches(pending):
             if not self._send(sid, batch, deadline):
                 break
-        self._release(head)
-        self._first_seen = None if self.ring.bounds()[0] == self.ring.bounds()[1] else time.monotonic()
+        self._release(head, window)
+        self._first_seen = time.monotonic() if self.ring.bounds()[2] else None
         return True
+
+    def _due(self, count: int, used: int, now: float) -> bool:
+        if not self._sources:
+            self._load_sources()
+        sources = self._sources.values()
+        if not sources:
+            return True  # records of unknown sources: let _cycle count and free them
+        if count >= min(s.upload_size for s in sources) or used >= _ROOM:
+            return True
+        assert self._first_seen is not None
+        return now - self._first_seen >= min(s.upload_interval for s in sources)
 
     def _batches(self, records: List[Record]) -> List[tuple[int, List[Record]]]:
         open_batches: Dict[int, List[Record]] = {}
@@ -244,10 +247,10 @@ class Uploader:
         self._acked.update(r.start for r in batch)
         return True
 
-    def _release(self, head: int) -> None:
-        """Advance head over the done prefix of the ring."""
+    def _release(self, head: int, window: List[Record]) -> None:
+        """Advance head over the done prefix of ``window`` (records in ring order)."""
         new_head, released = head, 0
-        for rec in self.ring.read(head, WINDOW_RECORDS * 2, WINDOW_BYTES * 2):
+        for rec in window:
             if rec.start not in self._acked:
                 break
             self._acked.discard(rec.start)

@@ -169,3 +169,26 @@ def test_region_endpoint_defaults() -> None:
     assert resolve("plainkey", env=env).bearer is False
     assert resolve("pk_eu_x", host="http://127.0.0.1:1/", env=env).endpoint == "http://127.0.0.1:1"
     assert resolve("k", env={"CDP_ENDPOINT": "http://127.0.0.1:2"}).endpoint == "http://127.0.0.1:2"
+
+
+def test_proxies_setting_routes_through_the_proxy(make_client: Callable[..., cdpmp.Client]) -> None:
+    with Collector() as proxy:
+        # Nothing listens on the endpoint: only a client that uses the proxy delivers.
+        client = make_client(
+            write_key=proxy.write_key, endpoint="http://127.0.0.9:9", proxies={"http": proxy.url}
+        )
+        client.track("u1", "E")
+        assert client.flush(timeout=5)
+        assert proxy.wait_for(1) and proxy.requests[0].via_proxy
+
+
+def test_environment_proxy_is_used_when_no_proxies_setting(
+    make_client: Callable[..., cdpmp.Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Collector() as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.setenv("NO_PROXY", "")
+        client = make_client(write_key=proxy.write_key, endpoint="http://127.0.0.9:9")
+        client.track("u1", "E")
+        assert client.flush(timeout=5)
+        assert proxy.requests[0].via_proxy
