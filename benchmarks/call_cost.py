@@ -26,7 +26,7 @@ from typing import Any, Dict, List
 
 from benchmarks.common import EVENT_PROPS, progress, shared_runtime
 
-TARGETS = ("official", "cdpmp-direct", "cdpmp-shared", "cdpmp-sync")
+TARGETS = ("official", "segment", "cdpmp-direct", "cdpmp-shared", "cdpmp-sync")
 
 
 def _client(target: str, url: str, key: str) -> Any:

@@ -1,0 +1,48 @@
+"""Smoke test of the benchmark command: ``python -m benchmarks --quick`` end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.servers import ROOT
+
+pytestmark = [pytest.mark.servers, pytest.mark.timeout(400)]
+
+
+def test_quick_benchmark_writes_results_charts_and_report(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--output-dir",
+            str(tmp_path),
+            "--top",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        check=True,
+        timeout=380,
+        capture_output=True,
+    )
+    (result,) = tmp_path.glob("*.json")
+    data = json.loads(result.read_text())
+    calls = data["call_cost"]["targets"]
+    assert set(calls) >= {"official", "segment", "cdpmp-direct", "cdpmp-shared", "cdpmp-sync"}
+    assert all(row["delivered_ratio"] == 1.0 for name, row in calls.items() if name.startswith("cdpmp"))
+    assert all(
+        row["delivered_ratio"] == 1.0 for row in data["load"]["rows"] if row["client"].startswith("cdpmp")
+    )
+    assert {p.name.rsplit("-", 1)[-1] for p in tmp_path.glob("*.png")} == {
+        "cost.png",
+        "load.png",
+        "scaling.png",
+    }
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## Targets" in report and "python -m benchmarks --quick" in report
