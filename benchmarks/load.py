@@ -149,7 +149,9 @@ def run(quick: bool = False) -> Dict[str, Any]:
     ks = [1] if quick else [1, 10]
     duration = 1.5 if quick else 5.0
     rows = []
-    with Collector(write_key="bench") as collector, shared_runtime() as runtime:
+    # strict=False: the endpoint is on this 2-core machine; its per-message checks would
+    # take CPU from the server under test (every client but "off" would pay for them).
+    with Collector(write_key="bench", strict=False) as collector, shared_runtime() as runtime:
         for shape in shapes:
             for k in ks:
                 for client in CLIENTS:

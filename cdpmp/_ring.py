@@ -195,7 +195,7 @@ class Ring:
             for i in range(SLOTS):
                 at = _SLOTS_AT + i * _SLOT.size
                 slot_pid, _ = _SLOT.unpack_from(self.mm, at)
-                if slot_pid in (0, pid) or not _alive(slot_pid):
+                if slot_pid in (0, pid) or not pid_alive(slot_pid):
                     _SLOT.pack_into(self.mm, at, pid, create_time)
                     return
 
@@ -316,7 +316,8 @@ class Ring:
         return out
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (it may belong to another user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

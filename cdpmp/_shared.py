@@ -32,7 +32,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from ._report import Counters, Reporter
-from ._ring import Ring, RingFormatError
+from ._ring import Ring, RingFormatError, pid_alive
 from ._runtime import RuntimeDirError, open_private, runtime_dir, write_private
 from ._settings import Settings
 from .errors import ConfigurationError
@@ -92,19 +92,9 @@ def register_source(ring: Ring, directory: str, settings: Settings) -> int:
     return sid
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def uploader_alive(ring: Ring) -> bool:
     pid, _, beat = ring.uploader()
-    return bool(pid) and time.time() - beat < STALE_AFTER and _alive(pid)
+    return bool(pid) and time.time() - beat < STALE_AFTER and pid_alive(pid)
 
 
 # The launcher imports nothing but subprocess (≈15 ms), starts the uploader in a new

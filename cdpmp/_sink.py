@@ -180,6 +180,7 @@ class DirectSink:
         return True
 
     def _start_locked(self) -> None:
+        _fork.ensure_exit_hook()  # also without a thread: exit then drains inline
         if not _fork.may_start_thread():
             return
         self._stopping = False
@@ -191,7 +192,6 @@ class DirectSink:
             self._thread = None
             return
         self._thread = thread
-        _fork.ensure_exit_hook()
 
     # -- consumer side -------------------------------------------------------------
 

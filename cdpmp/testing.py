@@ -22,6 +22,7 @@ import base64
 import collections
 import dataclasses
 import gzip
+import re
 import socket
 import threading
 import time
@@ -81,13 +82,19 @@ def _is_str(value: object) -> bool:
     return isinstance(value, str) and bool(value)
 
 
+# ISO-8601 date-time with an explicit offset. A regex, not a parser: the collector
+# shares the CPU with the clients it measures in the benchmarks.
+_ISO_WITH_OFFSET = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d(\.\d{1,9})?)?(Z|[+-]\d\d:?\d\d)")
+
+
 def _check_time(value: object, field: str) -> None:
     _require(isinstance(value, str), f"{field} must be a string")
-    try:
-        parsed = isoparse(str(value))
-    except ValueError:
-        raise SchemaError(f"{field} is not ISO-8601") from None
-    _require(parsed.tzinfo is not None, f"{field} has no UTC offset")
+    if not _ISO_WITH_OFFSET.fullmatch(str(value)):
+        try:
+            isoparse(str(value))
+        except ValueError:
+            raise SchemaError(f"{field} is not ISO-8601") from None
+        raise SchemaError(f"{field} has no UTC offset")
 
 
 def validate_message(msg: Any) -> None:
@@ -144,8 +151,13 @@ class Collector:
         write_key: str = "test-write-key",
         port: int = 0,
         on_message: Optional[Callable[[Dict[str, Any]], None]] = None,
+        strict: bool = True,
     ) -> None:
+        """``strict=False`` skips the per-message schema and size checks (auth, gzip, the
+        request limit and JSON are still checked): for benchmarks, where the collector
+        shares the CPU with the clients it measures while a real endpoint would not."""
         self.write_key = write_key
+        self.strict = strict
         self._authorization = expected_authorization(write_key)
         self._on_message = on_message
         self._cond = threading.Condition()
@@ -282,6 +294,8 @@ class Collector:
             _require(isinstance(payload, dict), "body is not an object")
             batch = payload.get("batch")
             _require(isinstance(batch, list) and bool(batch), "batch must be a non-empty array")
+            if not self.strict:
+                return batch  # type: ignore[no-any-return]
             _check_time(payload.get("sentAt"), "sentAt")
             for msg in batch:
                 validate_message(msg)

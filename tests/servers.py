@@ -6,6 +6,7 @@ group) and the test fails rather than hangs. Loopback only.
 
 from __future__ import annotations
 
+import collections
 import http.client
 import os
 import signal
@@ -15,7 +16,10 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+
+if TYPE_CHECKING:
+    from cdpmp.testing import Collector
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -156,3 +160,17 @@ def load(
 
 def expected_ids(rids: List[str], k: int) -> List[str]:
     return [f"{rid}-{j}" for rid in rids for j in range(k)]
+
+
+def assert_exactly_once(collector: Collector, ok_ids: List[str], k: int, import_events: int) -> None:
+    """Every event of every answered request arrived once; ``import_events`` more
+    (tracked at app import) too; nothing else, no duplicates."""
+    expected = set(expected_ids(ok_ids, k))
+    assert collector.wait_for(len(expected) + import_events, timeout=30)
+    counts = collections.Counter(collector.message_ids())
+    duplicates = {mid: n for mid, n in counts.items() if n > 1}
+    assert duplicates == {}
+    requests = {mid for mid in counts if not mid.startswith(("import-", "probe"))}
+    assert requests == expected, (len(requests - expected), len(expected - requests))
+    imports = [mid for mid in counts if mid.startswith("import-")]
+    assert len(imports) == import_events

@@ -18,7 +18,7 @@ from typing import List
 import pytest
 
 from cdpmp.testing import Collector
-from tests.servers import Server, expected_ids, free_port, load, server_env
+from tests.servers import Server, assert_exactly_once, expected_ids, free_port, load, server_env
 
 pytestmark = [pytest.mark.servers, pytest.mark.timeout(180)]
 
@@ -52,18 +52,6 @@ def gunicorn(
     )
     server.wait_ready()
     return server
-
-
-def assert_exactly_once(collector: Collector, ok_ids: List[str], k: int, import_events: int) -> None:
-    expected = set(expected_ids(ok_ids, k))
-    assert collector.wait_for(len(expected) + import_events, timeout=30)
-    counts = collections.Counter(collector.message_ids())
-    duplicates = {mid: n for mid, n in counts.items() if n > 1}
-    assert duplicates == {}
-    requests = {mid for mid in counts if not mid.startswith(("import-", "probe"))}
-    assert requests == expected, (len(requests - expected), len(expected - requests))
-    imports = [mid for mid in counts if mid.startswith("import-")]
-    assert len(imports) == import_events
 
 
 @pytest.mark.parametrize("preload", [True, False], ids=["preload", "no-preload"])

@@ -6,17 +6,15 @@ no Python fork hook runs, so only cdpmp's pid check protects them.
 
 from __future__ import annotations
 
-import collections
 import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import List
 
 import pytest
 
 from cdpmp.testing import Collector
-from tests.servers import BIN, Server, expected_ids, free_port, load, server_env
+from tests.servers import BIN, Server, assert_exactly_once, free_port, load, server_env
 
 pytestmark = [pytest.mark.servers, pytest.mark.timeout(180)]
 UWSGI = shutil.which("uwsgi", path=str(BIN))
@@ -49,15 +47,6 @@ def uwsgi(tmp_path: Path, collector: Collector, *args: str, **env: str) -> Serve
     return server
 
 
-def delivered_request_ids(collector: Collector, ok: List[str], k: int, extra: int) -> None:
-    expected = set(expected_ids(ok, k))
-    assert collector.wait_for(len(expected) + extra, timeout=30)
-    counts = collections.Counter(collector.message_ids())
-    assert {mid: n for mid, n in counts.items() if n > 1} == {}
-    assert {mid for mid in counts if not mid.startswith("import-")} == expected
-    assert sum(mid.startswith("import-") for mid in counts) == extra
-
-
 @pytest.mark.parametrize("lazy", [False, True], ids=["fork-from-master", "lazy-apps"])
 def test_uwsgi_with_threads_delivers_everything(lazy: bool, tmp_path: Path, collector: Collector) -> None:
     args = ["--enable-threads"] + (["--lazy-apps"] if lazy else [])
@@ -68,7 +57,7 @@ def test_uwsgi_with_threads_delivers_everything(lazy: bool, tmp_path: Path, coll
     server.stop(signal.SIGTERM)
     assert len(ok) == 400, server.output(5000)
     # Without lazy-apps the import-time event is tracked once, in the master.
-    delivered_request_ids(collector, ok, 3, extra=4 if lazy else 1)
+    assert_exactly_once(collector, ok, 3, import_events=4 if lazy else 1)
 
 
 def test_uwsgi_without_threads_warns_and_delivers_inline(tmp_path: Path, collector: Collector) -> None:
@@ -78,4 +67,4 @@ def test_uwsgi_without_threads_warns_and_delivers_inline(tmp_path: Path, collect
     output = server.output()
     assert "uWSGI is running without enable-threads" in output
     assert len(ok) == 300, output[-5000:]
-    delivered_request_ids(collector, ok, 3, extra=1)
+    assert_exactly_once(collector, ok, 3, import_events=1)
