@@ -236,15 +236,20 @@ def markdown(results: Dict[str, Any], chart_files: List[str], chart_dir: str) ->
         lines += [
             "",
             f"## 2. Under load: gunicorn, load generator in its own process "
-            f"(concurrency {load['concurrency']}, {load['duration_s']} s per cell)",
+            f"(concurrency {load['concurrency']}, {load['duration_s']} s per run, median of "
+            f"{load.get('repetitions', 1)} interleaved runs per cell)",
             "",
-            "| server | K | client | req/s | p50 ms | p99 ms | delivered ÷ tracked | HTTP req / 1000 events "
+            "| server | K | client | req/s (range) | p50 ms | p99 ms | delivered ÷ tracked | HTTP req / 1000 events "
             "| CPU s / 1000 events | RSS MB | PSS MB |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in load["rows"] + load.get("low_rate", []):
+            spread = r.get("rps_spread")
+            rps = f"{r['rps']:.0f}"
+            if spread and spread[0] != spread[1]:
+                rps += f" ({spread[0]:.0f}–{spread[1]:.0f})"
             lines.append(
-                f"| {r['shape']} | {r['k']} | {r['client']} | {r['rps']:.0f} | {r['p50_ms']:.2f} | "
+                f"| {r['shape']} | {r['k']} | {r['client']} | {rps} | {r['p50_ms']:.2f} | "
                 f"{r['p99_ms']:.2f} | {_fmt(r['delivered_ratio'], '.4f')} | "
                 f"{_fmt(r['http_requests_per_1000_events'], '.1f')} | {_fmt(r['cpu_s_per_1000_events'], '.3f')} | "
                 f"{r['rss_mb']:.0f} | {r['pss_mb']:.0f} |"

@@ -219,25 +219,27 @@ class Ring:
         ``head`` passes them). Damaged bytes end the scan at the tail, counted."""
         _, tail, _ = self.bounds()
         mm, cap = self.mm, self.capacity
+        unpack, rec_size = REC.unpack_from, REC.size  # locals: this loop runs per record
         out: List[Record] = []
+        append = out.append
         size = 0
         offset = start
         while offset < tail and len(out) < limit_records and size < limit_bytes:
             pos = offset % cap
-            if cap - pos < REC.size:
+            if cap - pos < rec_size:
                 offset += cap - pos
                 continue
-            length, marker, source = REC.unpack_from(mm, HEADER_SIZE + pos)
-            if marker == PAD and pos + REC.size + length == cap:
+            length, marker, source = unpack(mm, HEADER_SIZE + pos)
+            if marker == PAD and pos + rec_size + length == cap:
                 offset += cap - pos
                 continue
-            end = offset + REC.size + _aligned(length)
-            if marker != RECORD or length > MAX_PAYLOAD or pos + REC.size + length > cap or end > tail:
+            end = offset + rec_size + ((length + 7) & ~7)
+            if marker != RECORD or length > MAX_PAYLOAD or pos + rec_size + length > cap or end > tail:
                 self.bump("corrupt")
-                out.append(Record(offset, tail, 0, b""))  # skip everything up to the tail
+                append(Record(offset, tail, 0, b""))  # skip everything up to the tail
                 break
-            at = HEADER_SIZE + pos + REC.size
-            out.append(Record(offset, end, source, bytes(mm[at : at + length])))
+            at = HEADER_SIZE + pos + rec_size
+            append(Record(offset, end, source, mm[at : at + length]))  # slicing an mmap copies
             size += length
             offset = end
         return out

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Dict, List, Optional, Sequence, Set
+from typing import Any, Dict, List, Optional, Sequence, Set
 
 import filelock
 import psutil
@@ -184,10 +184,22 @@ class Uploader:
                 self._acked.add(rec.start)  # nothing to send: free it with the rest
             else:
                 pending.append(rec)
+        done: List[List[Record]] = []
+        failed = False
         for sid, batch in self._batches(pending):
             if not self._send(sid, batch, deadline):
+                failed = True
                 break
-        self._release(head, window)
+            done.append(batch)
+        if not failed:
+            # The common case: every record of the window is done (sent now, or acked in
+            # an earlier pass over this same window start); free it without bookkeeping.
+            self._acked.clear()
+            self.ring.release(window[-1].end, sum(1 for r in window if r.payload))
+        else:
+            for batch in done:
+                self._acked.update(r.start for r in batch)
+            self._release(head, window)
         self._first_seen = time.monotonic() if self.ring.bounds()[2] else None
         return True
 
@@ -203,22 +215,22 @@ class Uploader:
         return now - self._first_seen >= min(s.upload_interval for s in sources)
 
     def _batches(self, records: List[Record]) -> List[tuple[int, List[Record]]]:
-        open_batches: Dict[int, List[Record]] = {}
-        sizes: Dict[int, int] = {}
+        """Cut records (all of known sources) into per-source batches, in ring order."""
+        state: Dict[int, List[Any]] = {}  # source -> [open batch, its bytes, upload_size]
         out: List[tuple[int, List[Record]]] = []
         for rec in records:
-            settings = self._sources.get(rec.source)
-            if not rec.payload or settings is None:
-                continue
-            batch = open_batches.setdefault(rec.source, [])
+            st = state.get(rec.source)
+            if st is None:
+                st = state[rec.source] = [[], 0, self._sources[rec.source].upload_size]
             size = len(rec.payload) + 1
-            if batch and (len(batch) >= settings.upload_size or sizes[rec.source] + size > _ROOM):
+            batch = st[0]
+            if batch and (len(batch) >= st[2] or st[1] + size > _ROOM):
                 out.append((rec.source, batch))
-                batch = open_batches[rec.source] = []
-                sizes[rec.source] = 0
+                batch = st[0] = []
+                st[1] = 0
             batch.append(rec)
-            sizes[rec.source] = sizes.get(rec.source, 0) + size
-        out.extend((sid, batch) for sid, batch in open_batches.items() if batch)
+            st[1] += size
+        out.extend((sid, st[0]) for sid, st in state.items() if st[0])
         out.sort(key=lambda item: item[1][0].start)
         return out
 
@@ -244,7 +256,6 @@ class Uploader:
                 "cdpmp uploader: %s; keeping %d record(s), retrying in %.1fs", error, len(batch), pause
             )
             return False
-        self._acked.update(r.start for r in batch)
         return True
 
     def _release(self, head: int, window: List[Record]) -> None:
