@@ -111,7 +111,9 @@ def run(quick: bool = False) -> Dict[str, Any]:
     events = 2000 if quick else 8000
     rows: Dict[str, List[Dict[str, Any]]] = {t: [] for t in TARGETS}
     memory: Dict[str, Dict[str, Any]] = {}
-    with Collector(write_key="bench") as collector, shared_runtime() as runtime:
+    # strict=False: on this 2-core machine the collector's per-message checks would compete
+    # for CPU with the processes we measure (and with shared mode's extra process most).
+    with Collector(write_key="bench", strict=False) as collector, shared_runtime() as runtime:
         env = {**os.environ, "CDP_WRITE_KEY": "bench", "CDP_RUNTIME_DIR": runtime}
         for rep in range(reps):
             for target in TARGETS:

@@ -70,7 +70,7 @@ def run(quick: bool = False) -> Dict[str, Any]:
     producers = (1, 4) if quick else PRODUCERS
     sizes = (0.5, 16) if quick else SIZES_KB
     out: Dict[str, Any] = {"producers": [], "sizes": []}
-    with Collector(write_key="bench") as collector, shared_runtime() as runtime:
+    with Collector(write_key="bench", strict=False) as collector, shared_runtime() as runtime:
         env = {
             **os.environ,
             "CDP_RUNTIME_DIR": runtime,
@@ -96,6 +96,10 @@ def run(quick: bool = False) -> Dict[str, Any]:
             ]
             results = [json.loads((p.communicate(timeout=600)[0]).strip().splitlines()[-1]) for p in procs]
             wall = max(r["wall"] for r in results)
+            # Let the uploader deliver this step's events before the next step starts, or
+            # its draining would compete for the CPU with the next measurement.
+            collector.wait_for(n * (events + 1), timeout=300)
+            collector.reset()
             row = {
                 "producers": n,
                 "put_us_median": statistics.median(r["us"] for r in results),

@@ -35,7 +35,7 @@ from ._report import Counters, Reporter
 from ._ring import Ring, RingFormatError, pid_alive
 from ._runtime import RuntimeDirError, open_private, runtime_dir, write_private
 from ._settings import Settings
-from .errors import ConfigurationError
+from .errors import ConfigurationError, MessageRejected
 
 logger = logging.getLogger("cdpmp")
 
@@ -225,9 +225,8 @@ class SharedSink:
             self._counters.queued += 1
         else:
             self._counters.drop("queue_full")
-            self._reporter.log.warning(
-                "queue_full", "cdpmp: host queue full (%d messages), message dropped", ring.max_count
-            )
+            detail = f"the host holds {ring.max_count} messages"
+            self._reporter.report_encoded(MessageRejected("queue_full", detail), [data])
         now = time.monotonic()
         if now >= self._next_check:
             self._next_check = now + CHECK_EVERY

@@ -30,7 +30,7 @@ from . import _fork
 from ._report import Counters, Reporter
 from ._settings import Settings
 from ._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES, Transport
-from .errors import ShutdownAbandoned
+from .errors import MessageRejected, ShutdownAbandoned
 
 logger = logging.getLogger("cdpmp")
 
@@ -171,7 +171,7 @@ class DirectSink:
                     or time.monotonic() - self._first_at >= settings.upload_interval
                 )
         if full:
-            self._reporter.log.warning("queue_full", "cdpmp: queue full (%d messages), message dropped", n)
+            self._reporter.report_encoded(MessageRejected("queue_full", f"queue holds {n} messages"), [data])
             return False
         if inline:  # no consumer thread can run here: send the due batch ourselves
             self._drain_inline(time.monotonic() + settings.timeout)

@@ -280,10 +280,15 @@ def test_send_false_validates_without_network_or_threads(
 def test_queue_full_returns_false_and_counts(
     collector: Collector, make_client: Callable[..., cdpmp.Client]
 ) -> None:
-    client = make_client(max_queue_size=5, upload_size=100, upload_interval=60)
-    results = [client.track("u", "E", {"i": i})[0] for i in range(8)]
-    assert results == [True] * 5 + [False] * 3
+    errors: Errors = []
+    client = make_client(
+        max_queue_size=5, upload_size=100, upload_interval=60, on_error=lambda e, b: errors.append((e, b))
+    )
+    results = [client.track("u", "E", {"i": i}) for i in range(8)]
+    assert [ok for ok, _ in results] == [True] * 5 + [False] * 3
     assert client.stats()["dropped"]["queue_full"] == 3
+    assert [b[0]["messageId"] for _, b in errors] == [msg["messageId"] for _, msg in results[5:]]
+    assert all(isinstance(e, cdpmp.MessageRejected) and e.reason == "queue_full" for e, _ in errors)
     assert client.flush(timeout=10)
     assert len(collector.unique_ids()) == 5
 
