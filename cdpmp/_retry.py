@@ -3,8 +3,8 @@
 Immutable (urllib3's ``Retry`` is the model): ``delay(attempt, retry_after)`` computes
 the wait before retry number ``attempt`` (1-based) as capped exponential backoff with
 full jitter, or the server's ``Retry-After`` capped at ``max_retry_after``. The caller
-owns the clock and the per-batch time budget; ``fits(delay, remaining)`` tells it
-whether a retry can still happen inside that budget. Durations are seconds.
+owns the clock and the per-batch time budget (``budget``): a retry whose wait would
+overrun it is not made. Durations are seconds.
 
 Classification: any 2xx is success; 408, 429, 5xx, timeouts and connection failures
 are retried; every other status is final (retrying a 400 only makes duplicates).
@@ -66,7 +66,3 @@ class RetryPolicy:
 
     def allows(self, attempt: int) -> bool:
         return attempt <= self.max_retries
-
-    @staticmethod
-    def fits(delay: float, remaining: float) -> bool:
-        return delay <= remaining

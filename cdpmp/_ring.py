@@ -111,7 +111,6 @@ class Ring:
         self.path = os.path.join(directory, "ring")
         self._lock_fd = open_private(os.path.join(directory, "ring.lock"))
         self._tlock = threading.Lock()
-        self.pid = os.getpid()
         with self._locked():
             fd = open_private(self.path)
             try:

@@ -30,7 +30,7 @@ from . import _fork
 from ._report import Counters, Reporter
 from ._settings import Settings
 from ._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES, Transport
-from .errors import MessageRejected, ShutdownAbandoned
+from .errors import DeliveryError, MessageRejected, ShutdownAbandoned
 
 logger = logging.getLogger("cdpmp")
 
@@ -236,7 +236,7 @@ class DirectSink:
             error = self.transport.send(batch, self._abort, deadline)
         except Exception as exc:
             logger.exception("cdpmp: unexpected error while sending a batch")
-            error = ShutdownAbandoned(f"unexpected {type(exc).__name__}")
+            error = DeliveryError(f"unexpected {type(exc).__name__} while sending")
         if error is None:
             self._counters.delivered(len(batch))
         else:

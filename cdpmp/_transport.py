@@ -167,7 +167,7 @@ class Transport:
             if not self.policy.allows(attempt):
                 return error
             delay = self.policy.delay(attempt, retry_after)
-            if not self.policy.fits(delay, end - time.monotonic()):
+            if delay > end - time.monotonic():  # the wait would overrun the budget
                 return error
             with self._lock:
                 self.retries += 1

@@ -65,6 +65,9 @@ def _env_float(name: str, default: float) -> float:
 
 
 class Uploader:
+    """One uploader's state: its sources and transports, and the records of the current
+    window already done but not yet released (after a partial failure)."""
+
     def __init__(
         self, directory: str, drain_timeout: Optional[float] = None, idle_exit: Optional[float] = None
     ) -> None:

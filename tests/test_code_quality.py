@@ -6,43 +6,22 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import List
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ["cdpmp", "tests", "benchmarks"]
 
 
-def _tool(name: str) -> str:
-    path = shutil.which(name, path=str(Path(sys.executable).parent))
-    if path is None:
-        pytest.fail(f"{name} is not installed: install the project with '.[test,lint]'")
-    return path
-
-
-def test_ruff_check_is_clean() -> None:
-    result = subprocess.run(
-        [_tool("ruff"), "check", "cdpmp", "tests", "benchmarks"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_ruff_format_is_clean() -> None:
-    result = subprocess.run(
-        [_tool("ruff"), "format", "--check", "cdpmp", "tests", "benchmarks"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_mypy_strict_is_clean() -> None:
-    result = subprocess.run(
-        [_tool("mypy"), "--strict", "cdpmp"], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+@pytest.mark.parametrize(
+    "command",
+    [["ruff", "check", *SOURCES], ["ruff", "format", "--check", *SOURCES], ["mypy", "--strict", "cdpmp"]],
+    ids=["ruff-check", "ruff-format", "mypy-strict"],
+)
+def test_code_is_clean(command: List[str]) -> None:
+    tool = shutil.which(command[0], path=str(Path(sys.executable).parent))
+    if tool is None:
+        pytest.fail(f"{command[0]} is not installed: install the project with '.[test,lint]'")
+    result = subprocess.run([tool, *command[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -21,6 +21,8 @@ from cdpmp.testing import Collector
 from tests.servers import Server, assert_exactly_once, expected_ids, free_port, load, server_env
 
 pytestmark = [pytest.mark.servers, pytest.mark.timeout(180)]
+# --preload, and every worker recycled after 20-30 requests.
+RECYCLING = ("--preload", "--max-requests", "20", "--max-requests-jitter", "10")
 
 
 def gunicorn(
@@ -83,16 +85,7 @@ def test_gthread_workers_deliver_everything(tmp_path: Path, collector: Collector
 
 
 def test_max_requests_recycling_under_load_delivers_everything(tmp_path: Path, collector: Collector) -> None:
-    server = gunicorn(
-        tmp_path,
-        collector,
-        "--preload",
-        "--max-requests",
-        "20",
-        "--max-requests-jitter",
-        "10",
-        APP_TRACK_AT_IMPORT="1",
-    )
+    server = gunicorn(tmp_path, collector, *RECYCLING, APP_TRACK_AT_IMPORT="1")
     ok = load(server.port, 600, k=2)
     assert server.stop(signal.SIGTERM) == 0, server.output(5000)
     assert server.output().count("Autorestarting worker") >= 4  # workers really recycled
@@ -139,11 +132,7 @@ def test_shared_mode_preload_recycling_then_sigterm(
     server = gunicorn(
         tmp_path,
         collector,
-        "--preload",
-        "--max-requests",
-        "20",
-        "--max-requests-jitter",
-        "10",
+        *RECYCLING,
         APP_TRACK_AT_IMPORT="1",
         CDP_MODE="shared",
         CDP_RUNTIME_DIR=runtime_dir,
