@@ -133,7 +133,8 @@ def test_two_uploaders_racing_elect_exactly_one(runtime_dir: str, collector: Col
     procs = [
         subprocess.Popen([sys.executable, "-m", "cdpmp.uploader", "--dir", runtime_dir]) for _ in range(3)
     ]
-    time.sleep(1.5)
+    assert _wait(lambda: sum(p.poll() is not None for p in procs) >= 2, timeout=30)
+    time.sleep(0.5)  # the winner must still be serving, not merely slower to exit
     codes = [p.poll() for p in procs]
     assert codes.count(None) == 1 and codes.count(0) == 2  # the losers exit cleanly
     assert len(uploader_processes(runtime_dir)) == 1
@@ -185,20 +186,31 @@ def test_idle_work_from_eight_workers_is_sent_in_fewer_requests(
 ) -> None:
     """8 workers × 5 events/s for 2 s: shared mode sends at most as many HTTP requests as
     one process at that rate would (the same script, run once in direct mode)."""
+    # Every process starts tracking at the same instant (argv[2]), so the 8 workers'
+    # activity spans the same 2 s as the single process's, whatever their startup time.
     worker = f"""
         import sys, time, cdpmp
         c = cdpmp.Client({collector.write_key!r}, endpoint={collector.url!r}, mode=sys.argv[1],
                          upload_interval=0.5)
+        c.flush(timeout=1)
+        time.sleep(max(0.0, float(sys.argv[2]) - time.time()))
         for i in range(10):
             c.track("u", "E")
             time.sleep(0.2)
         assert c.flush(timeout=20)
     """
-    _run(worker.replace("sys.argv[1]", "'direct'"))
+
+    def start(mode: str, count: int) -> None:
+        at = str(time.time() + 3.0)
+        procs = [
+            subprocess.Popen([sys.executable, "-c", textwrap.dedent(worker), mode, at]) for _ in range(count)
+        ]
+        assert all(p.wait(60) == 0 for p in procs)
+
+    start("direct", 1)
     one_process = len(collector.requests)
     collector.reset()
-    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(worker), "shared"]) for _ in range(8)]
-    assert all(p.wait(60) == 0 for p in procs)
+    start("shared", 8)
     assert len(collector.unique_ids()) == 80
     print(f"requests: one process {one_process}, 8 shared-mode workers {len(collector.requests)}")
     assert len(collector.requests) <= one_process
