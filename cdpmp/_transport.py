@@ -13,6 +13,12 @@ exactly once in its life. Durations are seconds.
 from __future__ import annotations
 
 import base64
+
+# Loaded here, at import, in the main thread: urllib3 encodes every host name with the
+# "idna" codec, and a codec first looked up from a consumer thread (here: in a gunicorn
+# worker right after fork, racing the main thread's imports) can fail with
+# "LookupError: unknown encoding: idna", which CI caught. requests imports it the same way.
+import encodings.idna  # noqa: F401
 import gzip as _gzip
 import logging
 import os
@@ -156,6 +162,9 @@ class Transport:
                 error: DeliveryError = TransportError(f"{type(exc).__name__} posting batch")
             except urllib3.exceptions.HTTPError as exc:  # invalid URL, location errors...
                 return TransportError(f"{type(exc).__name__} posting batch")
+            except Exception as exc:  # anything else may be transient: retry within the budget
+                logger.debug("cdpmp: unexpected %s posting a batch", type(exc).__name__, exc_info=True)
+                error = TransportError(f"unexpected {type(exc).__name__} posting batch")
             else:
                 if is_success(response.status_code):
                     return None
