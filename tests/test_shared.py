@@ -234,6 +234,7 @@ def _warns_and_falls_back(collector: Collector, caplog: pytest.LogCaptureFixture
     assert "shared mode unavailable" in caplog.text
     client.track("u", "E")
     assert client.flush(timeout=10) and len(collector.messages) == 1
+    assert client.shutdown(timeout=5)  # direct mode started a consumer: stop it
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to create a directory owned by another uid")
