@@ -134,8 +134,8 @@ def flush(timeout: Optional[float] = None) -> bool:
 
 
 def join(timeout: Optional[float] = None) -> bool:
-    """Drain and stop the consumer within ``timeout`` seconds; True if drained."""
-    return _each("shutdown", timeout)
+    """The official client's ``join``; here the same as :func:`shutdown`."""
+    return shutdown(timeout)
 
 
 def shutdown(timeout: Optional[float] = None) -> bool:
