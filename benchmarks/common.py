@@ -58,6 +58,6 @@ def uploader_pid(directory: str) -> int:
 
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info["cmdline"] or []
-        if directory in cmd and "cdpmp.uploader" in cmd:
+        if directory in cmd and "cdpmp.shared.uploader" in cmd:
             return int(proc.pid)
     return 0

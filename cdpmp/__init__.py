@@ -8,6 +8,7 @@ framework.
 from __future__ import annotations
 
 from . import analytics
+from ._outcome import HostStats, Stats
 from ._version import __version__
 from .client import Client
 from .errors import (
@@ -21,6 +22,7 @@ from .errors import (
     MissingIdentity,
     ShutdownAbandoned,
     TransportError,
+    UnknownOption,
 )
 
 __all__ = [
@@ -29,12 +31,15 @@ __all__ = [
     "Client",
     "ConfigurationError",
     "DeliveryError",
+    "HostStats",
     "InvalidArgument",
     "InvalidArgumentType",
     "MessageRejected",
     "MissingIdentity",
     "ShutdownAbandoned",
+    "Stats",
     "TransportError",
+    "UnknownOption",
     "__version__",
     "analytics",
 ]

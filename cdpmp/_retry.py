@@ -1,4 +1,4 @@
-"""The retry policy: which outcomes are retried and how long to wait. No I/O here.
+"""The retry policy: how long to wait before a retry. No I/O here.
 
 Immutable (urllib3's ``Retry`` is the model): ``delay(attempt, retry_after)`` computes
 the wait before retry number ``attempt`` (1-based) as capped exponential backoff with
@@ -6,8 +6,7 @@ full jitter, or the server's ``Retry-After`` capped at ``max_retry_after``. The 
 owns the clock and the per-batch time budget (``budget``): a retry whose wait would
 overrun it is not made. Durations are seconds.
 
-Classification: any 2xx is success; 408, 429, 5xx, timeouts and connection failures
-are retried; every other status is final (retrying a 400 only makes duplicates).
+Which outcomes are retried is decided in one place, :mod:`cdpmp._outcome`.
 """
 
 from __future__ import annotations
@@ -15,16 +14,6 @@ from __future__ import annotations
 import dataclasses
 import random
 from typing import Callable, Optional
-
-RETRYABLE_STATUSES = frozenset({408, 429})
-
-
-def is_success(status: int) -> bool:
-    return 200 <= status < 300
-
-
-def is_retryable(status: int) -> bool:
-    return status in RETRYABLE_STATUSES or status >= 500
 
 
 def parse_retry_after(raw: Optional[str]) -> Optional[float]:

@@ -20,19 +20,16 @@ shutdown asks. Producers only wake it on those transitions, never per message.
 from __future__ import annotations
 
 import collections
-import logging
 import os
 import threading
 import time
-from typing import Any, Deque, Dict, List, Optional, Protocol
+from typing import Deque, List, Optional, Protocol
 
-from . import _fork
-from ._report import Counters, Reporter
-from ._settings import Settings
+from ._options import Settings
+from ._outcome import HostStats, Ledger, internal_error
+from ._process import PROCESS
 from ._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES, Transport
 from .errors import DeliveryError, MessageRejected, ShutdownAbandoned
-
-logger = logging.getLogger("cdpmp")
 
 _IDLE_WAIT = 5.0  # seconds an idle consumer sleeps before re-checking (safety net only)
 _BATCH_ROOM = MAX_BATCH_BYTES - ENVELOPE_BYTES
@@ -43,8 +40,9 @@ class Sink(Protocol):
 
     mode: str  # "direct", "shared" or "sync", as reported by stats()
 
-    def put(self, data: bytes) -> bool:
-        """Accept one serialised message, or return False (counted by the sink)."""
+    def put(self, data: bytes) -> Optional[DeliveryError]:
+        """Accept one serialised message (None), or say why not: the client then
+        accounts for it through its ledger, the one place that does."""
 
     def flush(self, timeout: float) -> bool:
         """Deliver everything accepted so far; False if the deadline passed first."""
@@ -58,8 +56,8 @@ class Sink(Protocol):
     def depth(self) -> int:
         """Messages accepted but not yet delivered or failed."""
 
-    def stats(self) -> Dict[str, Any]:
-        """Mode-specific counters merged into ``Client.stats()``."""
+    def host(self) -> Optional[HostStats]:
+        """Host-wide counters (shared mode), else None."""
 
 
 class SyncSink:
@@ -67,21 +65,18 @@ class SyncSink:
 
     mode = "sync"
 
-    def __init__(self, settings: Settings, counters: Counters, reporter: Reporter) -> None:
+    def __init__(self, settings: Settings, ledger: Ledger) -> None:
         self.transport = Transport(settings)
-        self._counters = counters
-        self._reporter = reporter
+        self._ledger = ledger
 
-    def put(self, data: bytes) -> bool:
-        with self._counters.lock:
-            self._counters.queued += 1
-        error = self.transport.send([data])
-        if error is None:
-            self._counters.delivered(1)
-            return True
-        self._counters.fail(1)
-        self._reporter.report_encoded(error, [data])
-        return False
+    def put(self, data: bytes) -> Optional[DeliveryError]:
+        with self._ledger.lock:
+            self._ledger.queued += 1
+        attempt = self.transport.send([data])
+        self._ledger.attempts(attempt.requests, attempt.retries)
+        if attempt.error is None:
+            self._ledger.delivered(1)
+        return attempt.error
 
     def flush(self, timeout: float) -> bool:
         return True
@@ -95,8 +90,8 @@ class SyncSink:
     def depth(self) -> int:
         return 0
 
-    def stats(self) -> Dict[str, Any]:
-        return {"retries": self.transport.retries, "requests": self.transport.requests}
+    def host(self) -> Optional[HostStats]:
+        return None
 
 
 class DirectSink:
@@ -104,10 +99,9 @@ class DirectSink:
 
     mode = "direct"
 
-    def __init__(self, settings: Settings, counters: Counters, reporter: Reporter) -> None:
+    def __init__(self, settings: Settings, ledger: Ledger) -> None:
         self._settings = settings
-        self._counters = counters
-        self._reporter = reporter
+        self._ledger = ledger
         self.transport = Transport(settings)
         self._init_process_state()
 
@@ -131,26 +125,24 @@ class DirectSink:
             return
         inherited = len(self._queue)
         self._init_process_state()
-        self._counters.reset()  # the child's stats describe the child
-        self._counters.inherited_discarded = inherited
-        self.transport.requests = self.transport.retries = 0
+        self._ledger.reset()  # the child's stats describe the child
+        self._ledger.inherited_discarded = inherited
 
     def depth(self) -> int:
         return len(self._queue) + self._in_flight
 
-    def stats(self) -> Dict[str, Any]:
-        return {"retries": self.transport.retries, "requests": self.transport.requests}
+    def host(self) -> Optional[HostStats]:
+        return None
 
     # -- producer side -------------------------------------------------------------
 
-    def put(self, data: bytes) -> bool:
+    def put(self, data: bytes) -> Optional[DeliveryError]:
         if self._pid != os.getpid():
             self.reset_after_fork()
         settings = self._settings
         with self._lock:
             n = len(self._queue)
             if n >= settings.max_queue_size:
-                self._counters.dropped["queue_full"] += 1
                 full = True
             else:
                 full = False
@@ -158,7 +150,7 @@ class DirectSink:
                 # of RSS per queued event instead of 0.3 KB.
                 self._queue.append(bytes(memoryview(data)))
                 self._queued_bytes += len(data) + 1
-                self._counters.queued += 1
+                self._ledger.queued += 1
                 if n == 0:
                     self._first_at = time.monotonic()
                 due = n + 1 >= settings.upload_size or self._queued_bytes >= _BATCH_ROOM
@@ -167,21 +159,20 @@ class DirectSink:
                     self._start_locked()
                 inline = self._thread is None and (
                     due
-                    or _fork.threadless_here()
+                    or PROCESS.threadless_here()
                     or time.monotonic() - self._first_at >= settings.upload_interval
                 )
         if full:
-            self._reporter.report_encoded(MessageRejected("queue_full", f"queue holds {n} messages"), [data])
-            return False
+            return MessageRejected("queue_full", f"the queue holds {n} messages")
         if inline:  # no consumer thread can run here: send the due batch ourselves
             self._drain_inline(time.monotonic() + settings.timeout)
         elif wake:
             self._wake.set()
-        return True
+        return None
 
     def _start_locked(self) -> None:
-        _fork.ensure_exit_hook()  # also without a thread: exit then drains inline
-        if not _fork.may_start_thread():
+        PROCESS.ensure_exit_hook()  # also without a thread: exit then drains inline
+        if not PROCESS.may_start_thread():
             return
         self._stopping = False
         self._abort = threading.Event()
@@ -232,16 +223,18 @@ class DirectSink:
         return batch
 
     def _send(self, batch: List[bytes], deadline: Optional[float]) -> None:
+        error: Optional[DeliveryError]
         try:
-            error = self.transport.send(batch, self._abort, deadline)
-        except Exception as exc:
-            logger.exception("cdpmp: unexpected error while sending a batch")
-            error = DeliveryError(f"unexpected {type(exc).__name__} while sending")
-        if error is None:
-            self._counters.delivered(len(batch))
+            attempt = self.transport.send(batch, self._abort, deadline)
+        except Exception as exc:  # noqa: BLE001 - a bug must not kill the consumer or wedge depth()
+            error = internal_error("the direct-mode consumer", exc)
         else:
-            self._counters.fail(len(batch))
-            self._reporter.report_encoded(error, batch)
+            self._ledger.attempts(attempt.requests, attempt.retries)
+            error = attempt.error
+        if error is None:
+            self._ledger.delivered(len(batch))
+        else:
+            self._ledger.lost(error, list(batch))
         with self._lock:
             self._in_flight -= len(batch)
             if not self._queue and self._in_flight == 0:
@@ -296,8 +289,6 @@ class DirectSink:
             self._queued_bytes = 0
             self._thread = None
         if leftover:
-            self._counters.drop("shutdown", len(leftover))
-            self._reporter.report_encoded(
-                ShutdownAbandoned(f"{len(leftover)} message(s) unsent at the deadline"), leftover
-            )
+            error = ShutdownAbandoned(f"{len(leftover)} message(s) unsent at the deadline")
+            self._ledger.lost(error, list(leftover))
         return drained

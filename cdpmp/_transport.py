@@ -26,14 +26,15 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional
 
 import orjson
 import urllib3
 
 from ._message import now_iso
-from ._retry import RetryPolicy, is_retryable, is_success, parse_retry_after
-from ._settings import Settings
+from ._options import Settings
+from ._outcome import classify_exception, classify_status, internal_error
+from ._retry import RetryPolicy, parse_retry_after
 from ._version import LIBRARY_NAME, __version__
 from .errors import APIError, DeliveryError, ShutdownAbandoned, TransportError
 
@@ -47,6 +48,14 @@ USER_AGENT = f"{LIBRARY_NAME}/{__version__} (python)"
 
 def encode_body(messages: List[bytes]) -> bytes:
     return b'{"batch":[' + b",".join(messages) + b'],"sentAt":"' + now_iso().encode() + b'"}'
+
+
+class Attempt(NamedTuple):
+    """What sending one batch came to: ``error`` None means acknowledged."""
+
+    error: Optional[DeliveryError]
+    requests: int
+    retries: int
 
 
 class _Response:
@@ -91,9 +100,6 @@ class Transport:
         self._proxy = _proxy_for(settings)
         self._pid = -1
         self._local_pool: Optional[urllib3.PoolManager] = None
-        self._lock = threading.Lock()
-        self.requests = 0
-        self.retries = 0
 
     def __repr__(self) -> str:
         return f"<Transport {self.settings.batch_url}>"  # never the headers: they hold the key
@@ -101,7 +107,6 @@ class Transport:
     def _pool(self) -> urllib3.PoolManager:
         pid = os.getpid()
         if self._pid != pid or self._local_pool is None:
-            self._lock = threading.Lock()  # never acquire a lock inherited from the parent
             kwargs: Dict[str, Any] = {"num_pools": 2, "maxsize": 4, "retries": False}
             if self.settings.endpoint.startswith("https:"):
                 kwargs.update(cert_reqs="CERT_REQUIRED", ca_certs=_ca_bundle())
@@ -114,8 +119,6 @@ class Transport:
 
     def _post_once(self, body: bytes, timeout: float) -> _Response:
         pool = self._pool()
-        with self._lock:
-            self.requests += 1
         response = pool.request(
             "POST",
             self.settings.batch_url,
@@ -132,8 +135,9 @@ class Transport:
         messages: List[bytes],
         abort: Optional[threading.Event] = None,
         deadline: Optional[float] = None,
-    ) -> Optional[DeliveryError]:
-        """Deliver one batch with retries; ``None`` on success, else the final error.
+    ) -> Attempt:
+        """Deliver one batch with retries; the result says how (``error`` None on
+        success) and how many requests and retries it took.
 
         ``deadline`` (a ``time.monotonic()`` value) and ``abort`` cut retries short:
         shutdown spends one time budget, not one per batch.
@@ -141,49 +145,43 @@ class Transport:
         body = encode_body(messages)
         if self.settings.gzip:
             body = _gzip.compress(body, compresslevel=6)
-        start = time.monotonic()
-        budget_end = start + self.policy.budget
+        budget_end = time.monotonic() + self.policy.budget
         end = budget_end if deadline is None else min(budget_end, deadline)
-        attempt = 0
+        requests = attempt = 0
         while True:
             retry_after: Optional[float] = None
             remaining = end - time.monotonic()
             timeout = max(0.05, min(self.settings.timeout, remaining)) if deadline else self.settings.timeout
+            requests += 1
             try:
                 response = self._post_once(body, timeout)
-            except (
-                urllib3.exceptions.TimeoutError,
-                urllib3.exceptions.ProtocolError,
-                urllib3.exceptions.NewConnectionError,
-                urllib3.exceptions.ProxyError,
-                urllib3.exceptions.SSLError,
-                OSError,
-            ) as exc:
-                error: DeliveryError = TransportError(f"{type(exc).__name__} posting batch")
-            except urllib3.exceptions.HTTPError as exc:  # invalid URL, location errors...
-                return TransportError(f"{type(exc).__name__} posting batch")
-            except Exception as exc:  # anything else may be transient: retry within the budget
-                logger.debug("cdpmp: unexpected %s posting a batch", type(exc).__name__, exc_info=True)
-                error = TransportError(f"unexpected {type(exc).__name__} posting batch")
+            except Exception as exc:  # noqa: BLE001 - classified: retried, final or internal
+                verdict = classify_exception(exc)
+                if verdict == "final" and not isinstance(exc, urllib3.exceptions.HTTPError):
+                    return Attempt(internal_error("sending a batch", exc), requests, attempt)
+                error: DeliveryError = TransportError(
+                    f"{type(exc).__name__} posting batch", final=verdict == "final"
+                )
             else:
-                if is_success(response.status_code):
-                    return None
-                error = _api_error(response)
-                if not is_retryable(response.status_code):
-                    return error
+                verdict = classify_status(response.status_code)
+                if verdict == "success":
+                    return Attempt(None, requests, attempt)
+                error = _api_error(response, final=verdict == "final")
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
-            attempt += 1
-            if not self.policy.allows(attempt):
-                return error
-            delay = self.policy.delay(attempt, retry_after)
+            if verdict == "final":
+                return Attempt(error, requests, attempt)
+            if not self.policy.allows(attempt + 1):
+                return Attempt(error, requests, attempt)
+            delay = self.policy.delay(attempt + 1, retry_after)
             if delay > end - time.monotonic():  # the wait would overrun the budget
-                return error
-            with self._lock:
-                self.retries += 1
+                return Attempt(error, requests, attempt)
+            attempt += 1
             logger.debug("cdpmp: retry %d in %.2fs after %s", attempt, delay, error)
             if abort is not None:
                 if abort.wait(delay):
-                    return ShutdownAbandoned("shutdown deadline passed during retry")
+                    return Attempt(
+                        ShutdownAbandoned("shutdown deadline passed during retry"), requests, attempt
+                    )
             else:
                 time.sleep(delay)
 
@@ -197,7 +195,7 @@ def _ca_bundle() -> Optional[str]:
     return str(certifi.where())
 
 
-def _api_error(response: _Response) -> APIError:
+def _api_error(response: _Response, final: bool) -> APIError:
     """Build an APIError from any body: JSON with or without ``code``, or text."""
     code, message = "unknown", ""
     try:
@@ -210,4 +208,4 @@ def _api_error(response: _Response) -> APIError:
             message = str(payload.get("message", payload.get("error", "")))[:500]
         else:
             message = str(payload)[:500]
-    return APIError(response.status_code, code, message)
+    return APIError(response.status_code, code, message, final=final)

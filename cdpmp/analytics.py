@@ -18,43 +18,18 @@ import threading
 import types
 from typing import Any, Dict, List, Optional
 
-from ._settings import OnError
+from ._options import MODULE_SETTINGS
+from ._outcome import Stats
 from .client import Client, Result
 
-write_key: Optional[str] = None
-endpoint: Optional[str] = None
-host: Optional[str] = None
-debug: Optional[bool] = None
-send: bool = True
-on_error: Optional[OnError] = None
-sync_mode: bool = False
-gzip: Optional[bool] = None
-max_queue_size: Optional[int] = None
-upload_size: Optional[int] = None
-upload_interval: Optional[float] = None
-timeout: Optional[float] = None
-max_retries: int = 10
-proxies: Optional[Dict[str, str]] = None
-
-SETTINGS = (
-    "write_key",
-    "endpoint",
-    "host",
-    "debug",
-    "send",
-    "on_error",
-    "sync_mode",
-    "gzip",
-    "max_queue_size",
-    "upload_size",
-    "upload_interval",
-    "timeout",
-    "max_retries",
-    "proxies",
-)
+# The settings users assign (``analytics.write_key = ...``), derived from the one
+# options table: ``None`` means "from the environment, else the default".
+globals().update(MODULE_SETTINGS)
+SETTINGS = tuple(MODULE_SETTINGS)
 
 default_client: Optional[Client] = None
 _stale = True
+_built_from: Dict[str, Any] = {}
 _retired: List[Client] = []
 _build_lock = threading.Lock()
 
@@ -84,9 +59,14 @@ def _rebuild() -> Client:
         if default_client is not None and not _stale:
             return default_client
         values = {name: globals()[name] for name in SETTINGS}
-        new = Client(values.pop("write_key"), **values)
+        if default_client is not None and values == _built_from:
+            _stale = False  # assigned again, unchanged: keep the client we have
+            return default_client
+        new = Client(**values)
         old = default_client
         default_client, _stale = new, False
+        _built_from.clear()
+        _built_from.update(values)
     if old is not None:
         _retired.append(old)  # kept alive so the exit hook still drains it
         old.flush(timeout=0)  # start sending now; do not wait on the request path
@@ -143,6 +123,6 @@ def shutdown(timeout: Optional[float] = None) -> bool:
     return _each("shutdown", timeout)
 
 
-def stats() -> Dict[str, Any]:
+def stats() -> Stats:
     """The default client's counters (see :meth:`cdpmp.Client.stats`)."""
     return _client().stats()

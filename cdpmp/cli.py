@@ -17,13 +17,14 @@ import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import __version__
+from ._options import ENV
 
 
 def _read_key(args: argparse.Namespace) -> Optional[str]:
     if args.write_key_file:
         with open(args.write_key_file, encoding="utf-8") as fh:
             return fh.read().strip()
-    return args.write_key or os.environ.get("CDP_WRITE_KEY")
+    return args.write_key or os.environ.get(ENV["write_key"])
 
 
 def _demo_events(analytics: Any, worker: int, count: int) -> int:
@@ -63,10 +64,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .testing import Collector
 
     with Collector(write_key="demo-key") as collector:
-        analytics.write_key = collector.write_key
-        analytics.endpoint = collector.url
+        # Module settings are derived from the options table, so set them by name.
+        for name, value in (("write_key", collector.write_key), ("endpoint", collector.url)):
+            setattr(analytics, name, value)
         if args.mode:
-            os.environ["CDP_MODE"] = args.mode
+            os.environ[ENV["mode"]] = args.mode
         print(
             f"cdpmp {__version__} demo: collector on {collector.url}, "
             f"{args.workers or 1} process(es) x {args.events} events, mode={args.mode or 'direct'}"
@@ -89,8 +91,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"{summary['duplicates']} duplicates) in {summary['requests']} requests {summary['statuses']}"
     )
     print(f"  by type: {summary['types']}")
-    if "host" in stats:
-        host = stats["host"]
+    host = stats["host"]
+    if host is not None:
         print(
             f"  host (shared ring): accepted={host['accepted']} sent={host['sent']} "
             f"batches={host['batches']} requests={host['requests']} queue_full={host['queue_full']} "
@@ -105,10 +107,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _stop_demo_uploader() -> None:
-    from ._shared import host_ring, stop_uploader
+    from .shared import lifecycle
 
-    ring, _ = host_ring()
-    stop_uploader(ring, timeout=25)
+    ring, _ = lifecycle.host_ring()
+    try:
+        lifecycle.stop(ring, timeout=25)
+    finally:
+        ring.close()
 
 
 def _fork_workers(analytics: Any, workers: int, events: int) -> int:
@@ -174,20 +179,22 @@ def cmd_track(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from ._runtime import RuntimeDirError
-    from ._shared import host_ring
+    from .shared import lifecycle
 
     try:
-        ring, directory = host_ring()
-    except (RuntimeDirError, OSError) as exc:
+        ring, directory = lifecycle.host_ring()
+    except OSError as exc:
         print(f"cdpmp stats: no shared ring here ({exc})", file=sys.stderr)
         return 1
-    print(json.dumps({"runtime_dir": directory, **ring.counters()}, indent=2))
+    try:
+        print(json.dumps({"runtime_dir": directory, **ring.counters()}, indent=2))
+    finally:
+        ring.close()
     return 0
 
 
 def cmd_uploader(args: argparse.Namespace) -> int:
-    from .uploader import main as uploader_main
+    from .shared.uploader import main as uploader_main
 
     return uploader_main(["--dir", args.dir] if args.dir else [])
 

@@ -11,10 +11,8 @@ logged (rate-limited) and reported to ``on_error``. Wrong argument types raise
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Dict, Optional, Tuple
 
-from . import _fork
 from ._message import (
     MAX_MESSAGE_BYTES,
     format_timestamp,
@@ -25,8 +23,9 @@ from ._message import (
     serialize,
     text,
 )
-from ._report import Counters, Reporter
-from ._settings import OnError, Settings, resolve
+from ._options import CLIENT_SIGNATURE, FIELDS, Settings, collect, resolve
+from ._outcome import DropReason, Ledger, Stats
+from ._process import PROCESS
 from ._sink import DirectSink, Sink, SyncSink
 from ._version import LIBRARY_NAME, __version__
 from .errors import MessageRejected, MissingIdentity
@@ -36,6 +35,7 @@ logger = logging.getLogger("cdpmp")
 DEFAULT_FLUSH_TIMEOUT = 30.0  # seconds flush()/join()/shutdown() wait when not told
 LIBRARY = {"name": LIBRARY_NAME, "version": __version__}
 _NO_CONTEXT: Dict[str, Any] = {}
+_OPTION_NAMES = frozenset(f.name for f in FIELDS)
 
 
 def _with_library(context: Dict[str, Any]) -> Dict[str, Any]:
@@ -47,74 +47,43 @@ Result = Tuple[bool, Dict[str, Any]]
 
 
 class Client:
-    """One Customer.io Data Pipelines source. Same options and defaults as the
-    official ``customerio.analytics.Client``; extra options are keyword-only.
+    """One Customer.io Data Pipelines source. Same options, positional order and
+    defaults as the official ``customerio.analytics.Client``; the extra options are
+    keyword-only. Every option is declared once, in :mod:`cdpmp._options`.
 
-    Options left as ``None`` are read from the environment (``CDP_*``, see
-    ``cdpmp._settings``) and otherwise take the official defaults.
+    Options left as ``None`` are read from the environment (``CDP_*``) and otherwise
+    take the official defaults. Each option is also readable as an attribute
+    (``client.host``, ``client.upload_size``...), as on the official client.
     """
 
-    def __init__(
-        self,
-        write_key: Optional[str] = None,
-        host: Optional[str] = None,
-        debug: Optional[bool] = None,
-        max_queue_size: Optional[int] = None,
-        send: bool = True,
-        on_error: Optional[OnError] = None,
-        gzip: Optional[bool] = None,
-        max_retries: int = 10,
-        sync_mode: bool = False,
-        timeout: Optional[float] = None,
-        proxies: Optional[Dict[str, str]] = None,
-        thread: int = 1,
-        upload_size: Optional[int] = None,
-        upload_interval: Optional[float] = None,
-        *,
-        endpoint: Optional[str] = None,
-        retry_budget: Optional[float] = None,
-        exit_timeout: Optional[float] = None,
-        mode: Optional[str] = None,
-    ) -> None:
-        # ``thread`` is accepted for compatibility: one consumer per process is
-        # always enough (it is network-bound), more only compete for the GIL.
-        del thread
-        self.settings: Settings = resolve(
-            write_key,
-            endpoint=endpoint,
-            host=host,
-            debug=debug,
-            send=send,
-            on_error=on_error,
-            sync_mode=sync_mode,
-            gzip=gzip,
-            max_queue_size=max_queue_size,
-            upload_size=upload_size,
-            upload_interval=upload_interval,
-            timeout=timeout,
-            max_retries=max_retries,
-            proxies=proxies,
-            retry_budget=retry_budget,
-            exit_timeout=exit_timeout,
-            mode=mode,
-        )
+    def __init__(self, *args: Any, **options: Any) -> None:
+        self.settings: Settings = resolve(collect(args, options))
         if self.settings.debug:
             logger.setLevel(logging.DEBUG)
-        self._counters = Counters()
-        self._reporter = Reporter(self.settings.on_error)
+        self._ledger = Ledger(self.settings.on_error)
         self._sink: Sink = self._make_sink()
-        _fork.register(self)
+        PROCESS.register(self)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: the options, read-only.
+        settings = self.__dict__.get("settings")
+        if settings is not None:
+            if name == "host":
+                return settings.endpoint
+            if name in _OPTION_NAMES:
+                return getattr(settings, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _make_sink(self) -> Sink:
         if self.settings.sync_mode:
-            return SyncSink(self.settings, self._counters, self._reporter)
+            return SyncSink(self.settings, self._ledger)
         if self.settings.mode == "shared" and self.settings.send:
-            from ._shared import make_shared_sink
+            from .shared.sink import make_shared_sink
 
-            sink = make_shared_sink(self.settings, self._counters, self._reporter)
+            sink = make_shared_sink(self.settings, self._ledger)
             if sink is not None:
                 return sink
-        return DirectSink(self.settings, self._counters, self._reporter)
+        return DirectSink(self.settings, self._ledger)
 
     def __repr__(self) -> str:
         return f"<cdpmp.Client endpoint={self.settings.endpoint!r} mode={self.settings.mode!r}>"
@@ -311,11 +280,14 @@ class Client:
             return self._reject(msg, "oversize", f"{len(data)} bytes > {MAX_MESSAGE_BYTES} limit")
         if not self.settings.send:
             return True, msg
-        return self._sink.put(data), msg
+        refusal = self._sink.put(data)
+        if refusal is None:
+            return True, msg
+        self._ledger.lost(refusal, [msg])
+        return False, msg
 
-    def _reject(self, msg: Dict[str, Any], reason: str, detail: str) -> Result:
-        self._counters.drop(reason)
-        self._reporter.report(MessageRejected(reason, detail), [msg])
+    def _reject(self, msg: Dict[str, Any], reason: DropReason, detail: str) -> Result:
+        self._ledger.lost(MessageRejected(reason, detail), [msg])
         return False, msg
 
     # -- lifecycle -----------------------------------------------------------------
@@ -336,17 +308,12 @@ class Client:
         drains the queue instead of finishing only the batch in flight)."""
         return self.shutdown(timeout)
 
-    def stats(self) -> Dict[str, Any]:
-        """Cheap counters for this client in this process."""
-        snapshot = self._counters.snapshot()
-        snapshot.update(
-            mode=self._sink.mode,
-            pid=os.getpid(),
-            depth=self._sink.depth(),
-            last_error=self._reporter.last_error,
-        )
-        snapshot.update(self._sink.stats())
-        return snapshot
+    def stats(self) -> Stats:
+        """Cheap counters for this client in this process (see the README)."""
+        return self._ledger.snapshot(self._sink.mode, self._sink.depth(), self._sink.host())
 
     def _reset_after_fork(self) -> None:
         self._sink.reset_after_fork()
+
+
+Client.__init__.__signature__ = CLIENT_SIGNATURE  # type: ignore[attr-defined]

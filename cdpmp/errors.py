@@ -5,6 +5,7 @@ Hierarchy (each subclasses the stdlib type that fits, so callers that already ca
 
     CdpmpError                      base of everything cdpmp raises or reports
     ├── InvalidArgumentType(TypeError)   an argument of the wrong type (names it)
+    ├── UnknownOption(TypeError)         an argument cdpmp does not know (names it)
     ├── InvalidArgument(ValueError)      an argument with a bad value (names it)
     │   └── MissingIdentity              neither user_id nor anonymous_id given
     ├── ConfigurationError(ValueError)   a setting that cannot be used
@@ -12,6 +13,8 @@ Hierarchy (each subclasses the stdlib type that fits, so callers that already ca
         │                                the request path
         ├── APIError                     the collector answered with an error status
         ├── TransportError               timeout / connection failure after retries
+        ├── InternalError                an unexpected exception inside cdpmp
+        │                                (logged at WARNING with its traceback)
         ├── MessageRejected              a message refused before queueing
         │                                (oversize, not serialisable, queue full)
         └── ShutdownAbandoned            still queued when a shutdown deadline passed
@@ -33,6 +36,14 @@ class InvalidArgumentType(CdpmpError, TypeError):
     def __init__(self, argument: str, expected: str, got: object) -> None:
         self.argument = argument
         super().__init__(f"{argument} must be {expected}, got {type(got).__name__}")
+
+
+class UnknownOption(CdpmpError, TypeError):
+    """An argument name (or count) that the callee does not take."""
+
+    def __init__(self, callee: str, reason: str) -> None:
+        self.callee = callee
+        super().__init__(f"{callee}: {reason}")
 
 
 class InvalidArgument(CdpmpError, ValueError):
@@ -64,21 +75,39 @@ class ConfigurationError(CdpmpError, ValueError):
 
 
 class DeliveryError(CdpmpError):
-    """A batch or message could not be delivered; handed to ``on_error``."""
+    """A batch or message could not be delivered; handed to ``on_error``.
+
+    ``final`` is True when sending it again cannot succeed (cdpmp's one outcome
+    policy, :func:`cdpmp._outcome.classify_status`, decides it)."""
+
+    final = False
 
 
 class APIError(DeliveryError):
     """The endpoint answered with a non-2xx status."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, final: bool = True) -> None:
         self.status = status
+        self.final = final
         self.code = code
         self.message = message
         super().__init__(f"[cdp] {code}: {message} ({status})")
 
 
 class TransportError(DeliveryError):
-    """Timeouts or connection failures exhausted the retry policy."""
+    """Timeouts or connection failures exhausted the retry policy, or the request
+    could not be made at all (``final``: e.g. an invalid URL)."""
+
+    def __init__(self, message: str, final: bool = False) -> None:
+        self.final = final
+        super().__init__(message)
+
+
+class InternalError(DeliveryError):
+    """An unexpected exception inside cdpmp while delivering: a bug or a broken
+    environment (e.g. a late monkey-patch). Never retried: it would fail again."""
+
+    final = True
 
 
 class MessageRejected(DeliveryError):

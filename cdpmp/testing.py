@@ -33,7 +33,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 import orjson
 from dateutil.parser import isoparse
 
-from ._settings import _REGION_KEY
+from ._options import REGION_KEY as _REGION_KEY
 
 MAX_MESSAGE_BYTES = 32 * 1024
 MAX_REQUEST_BYTES = 500_000

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any, Callable, Iterator, List
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator, List, Optional
 
 import pytest
 
 import cdpmp
+from cdpmp._outcome import INTERNAL_MARK
 from cdpmp.testing import Collector
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -46,6 +53,7 @@ def _reset_facade() -> Iterator[None]:
         setattr(analytics, name, value)
     analytics.default_client = None
     analytics._retired.clear()
+    analytics._built_from.clear()
 
 
 def uploader_processes(directory: str) -> List[Any]:
@@ -55,7 +63,7 @@ def uploader_processes(directory: str) -> List[Any]:
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         cmd = proc.info["cmdline"] or []
-        if ("cdpmp.uploader" in cmd or "uploader" in cmd) and directory in cmd and "--detach" not in cmd:
+        if ("cdpmp.shared.uploader" in cmd or "uploader" in cmd) and directory in cmd:
             if proc.info["status"] != psutil.STATUS_ZOMBIE:
                 found.append(proc)
     return found
@@ -80,4 +88,73 @@ def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     _, alive = psutil.wait_procs(procs, timeout=10)
     for proc in alive:
         proc.kill()
+    log = Path(path, "uploader.log")
+    text = log.read_text(errors="replace") if log.exists() else ""
     shutil.rmtree(path, ignore_errors=True)
+    assert INTERNAL_MARK not in text, text[-3000:]
+
+
+# -- suite-wide guards ------------------------------------------------------------------
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: List[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture(autouse=True)
+def _internal_capture(request: pytest.FixtureRequest) -> Iterator[_Records]:
+    """An unexpected exception inside cdpmp (logged on ``cdpmp.internal``) fails the
+    test that caused it, as sentry-python's fixtures do."""
+    handler = _Records()
+    log = logging.getLogger("cdpmp.internal")
+    log.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        log.removeHandler(handler)
+    if handler.records and "internal_errors" not in request.fixturenames:
+        pytest.fail("cdpmp logged internal errors:\n" + "\n".join(handler.format(r) for r in handler.records))
+
+
+@pytest.fixture
+def internal_errors(_internal_capture: _Records) -> List[logging.LogRecord]:
+    """For a test that provokes internal errors on purpose: they are collected here
+    instead of failing the test."""
+    return _internal_capture.records
+
+
+def _git_status() -> Optional[str]:
+    try:
+        done = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=all"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+_status_at_start: List[Optional[str]] = []
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _status_at_start.append(_git_status())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The suite leaves the working tree as it found it (clean in CI)."""
+    before = _status_at_start[0] if _status_at_start else None
+    after = _git_status()
+    if before is None or after is None or before == after:
+        return
+    added = sorted(set(after.splitlines()) - set(before.splitlines()))
+    sys.stderr.write("\nthe test suite changed the working tree:\n" + "\n".join(added) + "\n")
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
+from cdpmp._outcome import INTERNAL_MARK
+
 if TYPE_CHECKING:
     from cdpmp.testing import Collector
 
@@ -91,6 +93,8 @@ class Server:
             raise AssertionError(f"server did not stop within {timeout}s:\n{self.output(5000)}") from None
         finally:
             self._log.close()
+        text = self.output()
+        assert INTERNAL_MARK not in text, f"cdpmp logged an internal error:\n{text[-5000:]}"
         return code
 
     def kill(self) -> None:

@@ -82,7 +82,7 @@ def test_bad_settings_raise_naming_the_setting(option: str, value: Any, error: t
 
 def test_missing_write_key_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CDP_WRITE_KEY", raising=False)
-    with pytest.raises(cdpmp.InvalidArgumentType, match="write_key"):
+    with pytest.raises(cdpmp.ConfigurationError, match=r"write_key.*CDP_WRITE_KEY"):
         cdpmp.Client()
 
 
@@ -195,7 +195,7 @@ def test_unknown_type_warns_once_with_key_path(
 
 def test_value_whose_str_raises_is_rejected_not_raised(offline: cdpmp.Client) -> None:
     errors: List[Exception] = []
-    offline._reporter.on_error = lambda e, b: errors.append(e)
+    offline._ledger.on_error = lambda e, b: errors.append(e)
     ok, msg = offline.track("u", "E", {"bad": Unprintable()})
     assert not ok and msg["event"] == "E"
     assert offline.stats()["dropped"]["unserializable"] == 1

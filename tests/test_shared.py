@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List
 import pytest
 
 import cdpmp
-from cdpmp._ring import Ring
+from cdpmp.shared.ring import Ring
 from cdpmp.testing import Collector, Fault
 from tests.conftest import uploader_processes
 
@@ -52,11 +52,16 @@ def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
     return predicate()
 
 
-def test_forked_workers_flooding_past_the_host_limit(runtime_dir: str, collector: Collector) -> None:
+def test_forked_workers_flooding_past_the_host_limit_while_the_endpoint_is_down(
+    runtime_dir: str, collector: Collector
+) -> None:
     limit, workers, per_worker = 300, 4, 200
-    collector.fail_next(10**6, status=503)  # the endpoint is down: nothing leaves the ring
+    collector.fail_next(10**6, status=503)  # the endpoint is down: nothing may leave the ring
     client = _shared(collector, max_queue_size=limit, retry_budget=0.5)
     client.track("master", "warm-up", message_id="warm-up")
+    # The uploader is running and failing before the flood starts, so the flood meets
+    # an uploader that is holding and backing off, not one that has not started yet.
+    assert _wait(lambda: len(collector.requests) >= 2, timeout=30), "the uploader never tried to send"
     results = Path(runtime_dir).parent / f"{Path(runtime_dir).name}-results"
     results.mkdir()
     pids = []
@@ -80,10 +85,17 @@ def test_forked_workers_flooding_past_the_host_limit(runtime_dir: str, collector
     accepted = ["warm-up"] + [
         mid for w in range(workers) for mid in json.loads((results / f"{w}.json").read_text())
     ]
+    assert len(accepted) == limit  # the host filled up exactly to its limit
+    # Keep the endpoint down while the uploader retries several more times: it must
+    # hold every record (no dead letter, no failure) and keep probing.
+    probes = len(collector.requests)
+    assert _wait(lambda: len(collector.requests) >= probes + 3, timeout=30), "the uploader stopped probing"
     host = client.stats()["host"]
-    assert host["depth"] <= limit and len(accepted) <= limit
-    assert host["accepted"] == len(accepted)
-    assert host["queue_full"] == workers * per_worker + 1 - len(accepted)  # every rejection counted
+    assert host is not None
+    assert host["depth"] == limit and host["accepted"] == limit
+    assert host["failed"] == 0 and host["dead_lettered"] == 0 and host["retries"] > 0
+    assert host["queue_full"] == workers * per_worker + 1 - limit  # every rejection counted
+    assert collector.messages == []
     collector.reset()  # the endpoint is back
     assert client.flush(timeout=30)
     counts = collections.Counter(collector.message_ids())
@@ -92,15 +104,29 @@ def test_forked_workers_flooding_past_the_host_limit(runtime_dir: str, collector
 
 
 def test_worker_sigkilled_right_after_track_loses_nothing(runtime_dir: str, collector: Collector) -> None:
+    # A batch size and interval the worker can never reach before it dies: if these
+    # events arrive, they came from the ring, not from anything the worker sent.
     script = f"""
-        import os, signal, cdpmp
-        c = cdpmp.Client({collector.write_key!r}, endpoint={collector.url!r}, mode="shared")
+        import os, signal, sys, cdpmp
+        c = cdpmp.Client({collector.write_key!r}, endpoint={collector.url!r}, mode="shared",
+                         upload_size=1000, upload_interval=3600)
+        assert c.stats()["mode"] == "shared"
         ok = [c.track("u", "E", message_id=f"k{{i}}")[0] for i in range(300)]
         assert all(ok)
-        os.kill(os.getpid(), signal.SIGKILL)
+        assert c.stats()["host"]["depth"] == 300, c.stats()["host"]
+        print("tracked", flush=True)
+        sys.stdin.read()
     """
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    with subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    ) as proc:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"tracked"
+        assert collector.messages == []  # nothing was sent before the kill
+        proc.kill()
+        assert proc.wait(10) == -signal.SIGKILL
+    # Another source on the host, with a short interval, makes the ring due.
+    checker = _shared(collector)
+    assert checker.flush(timeout=30)
     assert collector.wait_for(300, timeout=30)
     assert sorted(collector.message_ids()) == sorted(f"k{i}" for i in range(300))
 
@@ -131,7 +157,8 @@ def test_uploader_sigkilled_mid_batch_is_replaced_and_nothing_is_lost(
 def test_two_uploaders_racing_elect_exactly_one(runtime_dir: str, collector: Collector) -> None:
     _shared(collector)  # creates the ring
     procs = [
-        subprocess.Popen([sys.executable, "-m", "cdpmp.uploader", "--dir", runtime_dir]) for _ in range(3)
+        subprocess.Popen([sys.executable, "-m", "cdpmp.shared.uploader", "--dir", runtime_dir])
+        for _ in range(3)
     ]
     assert _wait(lambda: sum(p.poll() is not None for p in procs) >= 2, timeout=30)
     time.sleep(0.5)  # the winner must still be serving, not merely slower to exit

@@ -9,7 +9,7 @@ from typing import Any, Callable, Dict
 import pytest
 
 import cdpmp
-from cdpmp._settings import EU_ENDPOINT, US_ENDPOINT, resolve
+from cdpmp._options import EU_ENDPOINT, US_ENDPOINT, resolve
 from cdpmp.testing import Collector
 
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -162,13 +162,19 @@ def test_wrong_key_is_rejected_by_the_collector_and_reported(
 
 def test_region_endpoint_defaults() -> None:
     env: Dict[str, str] = {}
-    assert resolve("pk_eu_x", env=env).endpoint == EU_ENDPOINT
-    assert resolve("sk_eu_x", env=env).endpoint == EU_ENDPOINT
-    assert resolve("pk_us_x", env=env).endpoint == US_ENDPOINT
-    assert resolve("plainkey", env=env).endpoint == US_ENDPOINT
-    assert resolve("plainkey", env=env).bearer is False
-    assert resolve("pk_eu_x", host="http://127.0.0.1:1/", env=env).endpoint == "http://127.0.0.1:1"
-    assert resolve("k", env={"CDP_ENDPOINT": "http://127.0.0.1:2"}).endpoint == "http://127.0.0.1:2"
+    assert resolve({"write_key": "pk_eu_x"}, env=env).endpoint == EU_ENDPOINT
+    assert resolve({"write_key": "sk_eu_x"}, env=env).endpoint == EU_ENDPOINT
+    assert resolve({"write_key": "pk_us_x"}, env=env).endpoint == US_ENDPOINT
+    assert resolve({"write_key": "plainkey"}, env=env).endpoint == US_ENDPOINT
+    assert resolve({"write_key": "plainkey"}, env=env).bearer is False
+    assert (
+        resolve({"write_key": "pk_eu_x", "endpoint": "http://127.0.0.1:1/"}, env=env).endpoint
+        == "http://127.0.0.1:1"
+    )
+    assert (
+        resolve({"write_key": "k"}, env={"CDP_ENDPOINT": "http://127.0.0.1:2"}).endpoint
+        == "http://127.0.0.1:2"
+    )
 
 
 def test_proxies_setting_routes_through_the_proxy(make_client: Callable[..., cdpmp.Client]) -> None:

@@ -19,17 +19,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import _fork
+from .._process import PROCESS
 
 _UID = "cdpmp-integration"
 
 
 def _on_process_init(**_: Any) -> None:
-    _fork.reset_in_child()
+    PROCESS.reset_in_child()
 
 
 def _on_shutdown(**_: Any) -> None:
-    _fork.drain_all()
+    PROCESS.drain_all()
 
 
 def connect() -> None:

@@ -21,11 +21,10 @@ the user's first). Hooks, and where gunicorn calls them:
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Callable, Dict, MutableMapping
 
-from .. import _fork
-from .._settings import ENV_MODE
+from .._options import env_mode
+from .._process import PROCESS
 
 logger = logging.getLogger("cdpmp")
 
@@ -36,44 +35,49 @@ STOP_BUDGET = 25.0  # seconds on_exit waits for the uploader to drain and exit
 
 def _budget(server: Any) -> float:
     graceful = getattr(getattr(server, "cfg", None), "graceful_timeout", 30)
-    clients = _fork.live_clients()
-    own = max((c.settings.exit_timeout for c in clients), default=10.0)
+    own = max((c.settings.exit_timeout for c in PROCESS.members()), default=10.0)
     return max(0.0, min(own, float(graceful) * GRACE_SHARE))
 
 
 def post_fork(server: Any, worker: Any) -> None:
-    _fork.reset_in_child()
+    PROCESS.reset_in_child()
 
 
 def worker_exit(server: Any, worker: Any) -> None:
-    if not _fork.drain_all(timeout=_budget(server)):
+    if not PROCESS.drain_all(timeout=_budget(server)):
         logger.warning("cdpmp: worker exit deadline passed; see stats()['dropped']['shutdown']")
 
 
 def worker_abort(worker: Any) -> None:
-    _fork.drain_all(timeout=ABORT_BUDGET)
+    PROCESS.drain_all(timeout=ABORT_BUDGET)
 
 
 def _shared_mode() -> bool:
-    return os.environ.get(ENV_MODE, "direct") == "shared"
+    return env_mode() == "shared"
 
 
 def when_ready(server: Any) -> None:
     if _shared_mode():
-        from .._shared import ensure_uploader, host_ring
+        from ..shared import lifecycle
 
-        ring, directory = host_ring()
-        if not ensure_uploader(ring, directory, wait=5.0):
-            logger.warning("cdpmp: the shared-mode uploader did not start within 5 s")
+        ring, directory = lifecycle.host_ring()
+        try:
+            if not lifecycle.ensure(ring, directory, wait=5.0):
+                logger.warning("cdpmp: the shared-mode uploader did not start within 5 s")
+        finally:
+            ring.close()  # every worker would inherit an open handle
 
 
 def on_exit(server: Any) -> None:
     if _shared_mode():
-        from .._shared import host_ring, stop_uploader
+        from ..shared import lifecycle
 
-        ring, _ = host_ring()
-        if not stop_uploader(ring, timeout=STOP_BUDGET):
-            logger.warning("cdpmp: the uploader did not stop within %.0f s", STOP_BUDGET)
+        ring, _ = lifecycle.host_ring()
+        try:
+            if not lifecycle.stop(ring, timeout=STOP_BUDGET):
+                logger.warning("cdpmp: the uploader did not stop within %.0f s", STOP_BUDGET)
+        finally:
+            ring.close()
 
 
 HOOKS: Dict[str, Callable[..., None]] = {

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-from .. import _fork
+from .._process import PROCESS
 
 logger = logging.getLogger("cdpmp")
 
@@ -75,16 +75,16 @@ def setup(uwsgi_module: Optional[Any] = None) -> bool:
     opt = getattr(uwsgi_module, "opt", {})
     if not _threads_enabled(opt):
         logger.warning(THREADS_WARNING)
-        _fork.disable_threads()
+        PROCESS.disable_threads()
     worker_id = getattr(uwsgi_module, "worker_id", lambda: 1)
     if worker_id() == 0:
         # Loaded in the master (no lazy-apps): workers will be forked from C. Keep the
         # master thread-free; anything it tracks is sent inline.
-        _fork.keep_process_threadless()
+        PROCESS.keep_threadless()
     if _flag(opt.get("master", False)):
         from uwsgidecorators import postfork
 
-        postfork(_fork.reset_in_child)
+        postfork(PROCESS.reset_in_child)
     previous = getattr(uwsgi_module, "atexit", None)
 
     def _atexit() -> None:
@@ -92,7 +92,7 @@ def setup(uwsgi_module: Optional[Any] = None) -> bool:
             if callable(previous):
                 previous()
         finally:
-            _fork.drain_all()
+            PROCESS.drain_all()
 
     uwsgi_module.atexit = _atexit
     return True

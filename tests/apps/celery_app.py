@@ -16,7 +16,12 @@ _folder = os.environ.get("CELERY_FS_DIR", "/tmp/cdpmp-celery")
 os.makedirs(_folder, exist_ok=True)
 
 app = Celery("cdpmp_tests", broker="filesystem://")
-app.conf.broker_transport_options = {"data_folder_in": _folder, "data_folder_out": _folder}
+app.conf.broker_transport_options = {
+    "data_folder_in": _folder,
+    "data_folder_out": _folder,
+    # kombu's default is "control" in the working directory: the repository.
+    "control_folder": os.path.join(_folder, "control"),
+}
 app.conf.broker_connection_retry_on_startup = True
 app.conf.worker_hijack_root_logger = False
 

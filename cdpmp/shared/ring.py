@@ -52,9 +52,10 @@ import struct
 import threading
 import time
 from contextlib import contextmanager
-from typing import Dict, Iterator, List, NamedTuple, Tuple
+from typing import Iterator, List, NamedTuple, Tuple
 
-from ._runtime import RuntimeDirError, open_private
+from .._outcome import HostStats
+from .files import RuntimeDirError, open_private
 
 MAGIC = b"CDPMPRNG"
 FORMAT_VERSION = 1
@@ -299,13 +300,24 @@ class Ring:
         with self._locked():
             self.mm[_ERROR_AT : _ERROR_AT + _ERROR_LEN] = raw.ljust(_ERROR_LEN, b"\0")
 
-    def counters(self) -> Dict[str, object]:
+    def counters(self) -> HostStats:
         values = struct.unpack_from("<12Q", self.mm, _COUNTERS_AT)
         head, tail, count = HEAD_TAIL_COUNT.unpack_from(self.mm, 32)
         pid, _, beat = self.uploader()
         error = bytes(self.mm[_ERROR_AT : _ERROR_AT + _ERROR_LEN]).rstrip(b"\0").decode("utf-8", "replace")
-        out: Dict[str, object] = dict(zip(COUNTERS[:-1], values[:-1]))
-        out.update(
+        named = dict(zip(COUNTERS[:-1], values[:-1]))
+        return HostStats(
+            accepted=named["accepted"],
+            queue_full=named["queue_full"],
+            sent=named["sent"],
+            failed=named["failed"],
+            batches=named["batches"],
+            requests=named["requests"],
+            retries=named["retries"],
+            dead_lettered=named["dead_lettered"],
+            spawns=named["spawns"],
+            corrupt=named["corrupt"],
+            unknown_source=named["unknown_source"],
             depth=count,
             bytes_used=tail - head,
             capacity=self.capacity,
@@ -314,7 +326,6 @@ class Ring:
             heartbeat_age=(time.time() - beat) if beat else None,
             last_error=error or None,
         )
-        return out
 
 
 def pid_alive(pid: int) -> bool:

@@ -1,4 +1,9 @@
-"""The per-user runtime directory of shared mode, and secure file creation.
+"""The per-user runtime directory of shared mode and every file in it but the ring.
+
+Files: ``ring`` and ``ring.lock`` (:mod:`.ring`), ``uploader.lock`` (the election),
+``uploader.log``, ``sources.json`` (what the uploader needs to send for each source,
+write keys included: 0600, never argv or a log line) and ``dead-letter.jsonl``
+(batches the endpoint refused for good).
 
 Location, first that works: ``$CDP_RUNTIME_DIR``; ``/dev/shm/cdpmp-<uid>`` (tmpfs, so
 the ring is memory); ``$XDG_RUNTIME_DIR/cdpmp``; ``<tempdir>/cdpmp-<uid>``. The
@@ -9,12 +14,19 @@ or followed): shared mode then degrades to direct mode with one warning.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import tempfile
-from typing import List
+import time
+from typing import Any, Dict, List
 
-ENV_RUNTIME_DIR = "CDP_RUNTIME_DIR"
+from .._options import host_settings
+
+SOURCES = "sources.json"
+DEAD_LETTERS = "dead-letter.jsonl"
+UPLOADER_LOG = "uploader.log"
+UPLOADER_LOCK = "uploader.lock"
 
 
 class RuntimeDirError(OSError):
@@ -24,7 +36,7 @@ class RuntimeDirError(OSError):
 def candidates() -> List[str]:
     uid = os.getuid()
     out = []
-    explicit = os.environ.get(ENV_RUNTIME_DIR)
+    explicit = host_settings().runtime_dir
     if explicit:
         return [explicit]
     # A predictable name in a shared tmpfs is safe here: ensure_dir() refuses a
@@ -86,3 +98,45 @@ def write_private(path: str, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def read_sources(directory: str) -> Dict[str, Dict[str, Any]]:
+    """Source id (as a string) → the entry its producer wrote; ``{}`` if unreadable."""
+    try:
+        fd = open_private(os.path.join(directory, SOURCES), os.O_RDONLY)
+    except FileNotFoundError:
+        return {}
+    with os.fdopen(fd, "rb") as fh:
+        raw = fh.read()
+    try:
+        data = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_source(directory: str, sid: int, entry: Dict[str, Any]) -> None:
+    """Add or replace one source entry. The caller holds the ring lock."""
+    sources = read_sources(directory)
+    if sources.get(str(sid)) != entry:
+        sources[str(sid)] = entry
+        write_private(os.path.join(directory, SOURCES), json.dumps(sources).encode())
+
+
+def append_dead_letter(directory: str, source: int, error: str, batch: List[bytes]) -> None:
+    """Append one refused batch (its messages as JSON) to the dead-letter file."""
+    line = {"time": time.time(), "source": source, "error": error, "batch": [json.loads(m) for m in batch]}
+    fd = open_private(os.path.join(directory, DEAD_LETTERS), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        os.write(fd, json.dumps(line).encode() + b"\n")
+    finally:
+        os.close(fd)
+
+
+def open_log(directory: str) -> int:
+    """The uploader's log file, opened for appending (0600)."""
+    return open_private(os.path.join(directory, UPLOADER_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+
+
+def path(directory: str, name: str) -> str:
+    return os.path.join(directory, name)

@@ -1,8 +1,8 @@
 """The shared-mode uploader: one process per host and user, ring → batches → HTTP.
 
-Run as ``python -m cdpmp.uploader`` / ``cdpmp uploader`` (foreground, for systemd or a
-sidecar), or started automatically by the first producer that finds none
-(``--detach``: a launcher that starts the real uploader in a new session and exits).
+Run as ``cdpmp uploader`` / ``python -m cdpmp.shared.uploader`` (foreground, for
+systemd or a sidecar: it runs until stopped), or started automatically by the first
+producer that finds none (:mod:`.lifecycle`; ``--auto``: it also exits when idle).
 
 Election: holding ``uploader.lock`` (filelock, an flock the kernel releases when the
 holder dies) for its whole life *is* being the uploader; a second one exits at once.
@@ -13,24 +13,23 @@ source into batches of at most ``upload_size`` and 500 KB; send when a batch is 
 the oldest waiting record is ``upload_interval`` old, or we are draining. A batch that
 is acknowledged or definitively rejected (non-retryable 4xx → dead-letter file, 0600)
 is done; ``head`` advances over the done prefix only, so records leave the ring only
-when done. Retryable failures (5xx, 429, timeouts, connection errors) past the retry
-budget keep their records and back off: nothing is dropped while the endpoint is down;
-the host limit makes producers answer ``(False, msg)`` instead.
+when done. Which answers are final is decided by :mod:`cdpmp._outcome`, as in every
+mode. Retryable failures past the retry budget keep their records and back off:
+nothing is dropped while the endpoint is down; the host limit makes producers answer
+``(False, msg)`` instead.
 
 Stop: SIGTERM/SIGINT → drain within ``CDP_UPLOADER_DRAIN_TIMEOUT`` seconds (default 20,
 below gunicorn's and Kubernetes' 30 s grace), then exit; what is left stays in the
-ring for the next uploader. Idle exit: the ring is empty and no registered producer
-process is alive for ``CDP_UPLOADER_IDLE_EXIT`` seconds (default 60).
+ring for the next uploader. Idle exit (auto-started uploaders only): the ring is empty
+and no registered producer process is alive for ``CDP_UPLOADER_IDLE_EXIT`` seconds
+(default 60).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -39,41 +38,33 @@ from typing import Any, Dict, List, Optional, Sequence, Set
 import filelock
 import psutil
 
-from ._retry import RetryPolicy
-from ._ring import Record, Ring
-from ._runtime import open_private, runtime_dir
-from ._settings import Settings, resolve
-from ._shared import read_sources
-from ._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES, Transport
-from .errors import APIError, DeliveryError, ShutdownAbandoned
+from .._options import Settings, from_source_entry, host_settings
+from .._outcome import internal_error
+from .._retry import RetryPolicy
+from .._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES, Transport
+from ..errors import CdpmpError, DeliveryError
+from .files import UPLOADER_LOCK, append_dead_letter, path, read_sources, runtime_dir
+from .ring import Record, Ring
 
 logger = logging.getLogger("cdpmp.uploader")
 
 POLL = 0.05  # seconds between ring polls
 WINDOW_RECORDS = 5000
 WINDOW_BYTES = 4 << 20
-ENV_DRAIN_TIMEOUT = "CDP_UPLOADER_DRAIN_TIMEOUT"
-ENV_IDLE_EXIT = "CDP_UPLOADER_IDLE_EXIT"
 _ROOM = MAX_BATCH_BYTES - ENVELOPE_BYTES
-
-
-def _env_float(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name, default))
-    except ValueError:
-        return default
 
 
 class Uploader:
     """One uploader's state: its sources and transports, and the records of the current
     window already done but not yet released (after a partial failure)."""
 
-    def __init__(
-        self, directory: str, drain_timeout: Optional[float] = None, idle_exit: Optional[float] = None
-    ) -> None:
+    def __init__(self, directory: str, auto: bool = False) -> None:
+        host = host_settings()
         self.directory = directory
-        self.drain_timeout = _env_float(ENV_DRAIN_TIMEOUT, 20.0) if drain_timeout is None else drain_timeout
-        self.idle_exit = _env_float(ENV_IDLE_EXIT, 60.0) if idle_exit is None else idle_exit
+        self.drain_timeout = host.uploader_drain_timeout
+        # Only an auto-started uploader leaves when idle; one run by systemd or as a
+        # sidecar runs until it is stopped.
+        self.idle_exit: Optional[float] = host.uploader_idle_exit if auto else None
         self.stop = threading.Event()
         self._sources: Dict[int, Settings] = {}
         self._transports: Dict[int, Transport] = {}
@@ -91,25 +82,15 @@ class Uploader:
             if sid in self._sources:
                 continue
             try:
-                settings = resolve(
-                    entry["write_key"],
-                    endpoint=entry["endpoint"],
-                    gzip=bool(entry["gzip"]),
-                    timeout=float(entry["timeout"]),
-                    max_retries=int(entry["max_retries"]),
-                    retry_budget=float(entry["retry_budget"]),
-                    upload_size=int(entry["upload_size"]),
-                    upload_interval=float(entry["upload_interval"]),
-                    env={},
-                )
-            except (KeyError, TypeError, ValueError):
+                settings = from_source_entry(entry)
+            except (CdpmpError, TypeError, ValueError):
                 logger.warning("cdpmp uploader: ignoring an invalid source entry %s", key)
                 continue
             self._sources[sid] = settings
             self._transports[sid] = Transport(settings)
 
     def run(self) -> int:
-        lock = filelock.FileLock(os.path.join(self.directory, "uploader.lock"), mode=0o600)
+        lock = filelock.FileLock(path(self.directory, UPLOADER_LOCK), mode=0o600)
         try:
             lock.acquire(timeout=0)
         except filelock.Timeout:
@@ -129,7 +110,7 @@ class Uploader:
         logger.info("cdpmp uploader %d serving %s", me.pid, self.directory)
         while not self.stop.is_set():
             self.ring.heartbeat()
-            if not self._cycle(draining=False):
+            if not self._safe_cycle(draining=False):
                 if self._should_idle_exit():
                     break
                 self.stop.wait(POLL)
@@ -146,13 +127,15 @@ class Uploader:
             head, tail, _ = self.ring.bounds()
             if head == tail:
                 return
-            if not self._cycle(draining=True, deadline=deadline):
+            if not self._safe_cycle(draining=True, deadline=deadline):
                 time.sleep(POLL)
         logger.warning(
             "cdpmp uploader: drain deadline passed; %d record(s) stay in the ring", self.ring.bounds()[2]
         )
 
     def _should_idle_exit(self) -> bool:
+        if self.idle_exit is None:
+            return False
         head, tail, _ = self.ring.bounds()
         if head != tail or any(_producer_alive(pid, ctime) for pid, ctime in self.ring.producers()):
             self._idle_since = time.monotonic()
@@ -160,6 +143,16 @@ class Uploader:
         return time.monotonic() - self._idle_since >= self.idle_exit
 
     # -- one pass ------------------------------------------------------------------------
+
+    def _safe_cycle(self, draining: bool, deadline: Optional[float] = None) -> bool:
+        """One pass; a bug in it is logged loudly and backed off, never a crash loop."""
+        try:
+            return self._cycle(draining, deadline)
+        except Exception as exc:  # noqa: BLE001 - logged as an internal error, then backed off
+            self.ring.set_error(str(internal_error("the uploader", exc)))
+            self._failures += 1
+            self._backoff_until = time.monotonic() + RetryPolicy(backoff_cap=5.0).delay(self._failures)
+            return False
 
     def _cycle(self, draining: bool, deadline: Optional[float] = None) -> bool:
         """Send what is due; True if something was sent or released."""
@@ -238,17 +231,16 @@ class Uploader:
         return out
 
     def _send(self, sid: int, batch: List[Record], deadline: Optional[float]) -> bool:
-        transport = self._transports[sid]
-        before = (transport.requests, transport.retries)
-        error = transport.send([r.payload for r in batch], self.stop, deadline)
-        self.ring.bump("requests", transport.requests - before[0])
-        if transport.retries > before[1]:
-            self.ring.bump("retries", transport.retries - before[1])
+        attempt = self._transports[sid].send([r.payload for r in batch], self.stop, deadline)
+        self.ring.bump("requests", attempt.requests)
+        if attempt.retries:
+            self.ring.bump("retries", attempt.retries)
+        error = attempt.error
         if error is None:
             self.ring.bump("sent", len(batch))
             self.ring.bump("batches")
             self._failures = 0
-        elif _definitive(error):
+        elif error.final:
             self._dead_letter(sid, batch, error)
         else:
             self.ring.set_error(str(error))
@@ -280,30 +272,7 @@ class Uploader:
         logger.warning(
             "cdpmp uploader: batch of %d rejected (%s); written to dead-letter.jsonl", len(batch), error
         )
-        line = (
-            json.dumps(
-                {
-                    "time": time.time(),
-                    "source": sid,
-                    "error": str(error),
-                    "batch": [json.loads(r.payload) for r in batch],
-                }
-            ).encode()
-            + b"\n"
-        )
-        fd = open_private(
-            os.path.join(self.directory, "dead-letter.jsonl"), os.O_WRONLY | os.O_CREAT | os.O_APPEND
-        )
-        try:
-            os.write(fd, line)
-        finally:
-            os.close(fd)
-
-
-def _definitive(error: DeliveryError) -> bool:
-    if isinstance(error, ShutdownAbandoned):
-        return False
-    return isinstance(error, APIError) and 400 <= error.status < 500 and error.status not in (408, 429)
+        append_dead_letter(self.directory, sid, str(error), [r.payload for r in batch])
 
 
 def _producer_alive(pid: int, create_time: float) -> bool:
@@ -319,19 +288,13 @@ def _producer_alive(pid: int, create_time: float) -> bool:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="cdpmp uploader", description="Run the shared-mode uploader.")
     parser.add_argument("--dir", help="runtime directory (default: as producers resolve it)")
-    parser.add_argument("--detach", action="store_true", help="start it in the background and return")
+    parser.add_argument(
+        "--auto", action="store_true", help="started by a producer: also exit when idle (internal)"
+    )
     args = parser.parse_args(argv)
     directory = args.dir or runtime_dir()
-    if args.detach:
-        subprocess.Popen(
-            [sys.executable, "-m", "cdpmp.uploader", "--dir", directory],
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            close_fds=True,
-        )
-        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return Uploader(directory).run()
+    return Uploader(directory, auto=args.auto).run()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,383 @@
+"""Every option of cdpmp, in one table, and its resolution into frozen settings.
+
+The table is the body of :class:`Settings` (per client) and :class:`HostSettings`
+(per host: environment only). Each field is declared once with :func:`option`, which
+records its environment variable, its lower bound and its documentation. From that
+one table come:
+
+* ``Client(...)``'s arguments, in the official client's positional order
+  (:data:`CLIENT_SIGNATURE`);
+* the module-level settings of :mod:`cdpmp.analytics` (:data:`MODULE_SETTINGS`);
+* every ``CDP_*`` environment variable: nothing else in cdpmp reads one
+  (:func:`resolve`, :func:`host_settings`);
+* the entries shared-mode producers write for the uploader (:func:`source_entry`);
+* the settings table of the README (:func:`markdown_table`; a test compares them).
+
+Resolution order for every option is argument → environment → default, done once at
+construction (OpenTelemetry's convention). ``None`` means "not given". Durations are
+seconds (float).
+
+This module also owns the region and authentication rules of the wire contract:
+keys matching ``^(pk|sk)_(us|eu)_`` are sent as ``Bearer`` tokens and ``*_eu_`` keys
+default to the EU host; every other key is sent as HTTP Basic user name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import os
+import re
+import typing
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+from .errors import ConfigurationError, InvalidArgumentType, UnknownOption
+
+US_ENDPOINT = "https://cdp.customer.io"
+EU_ENDPOINT = "https://cdp-eu.customer.io"
+MODES = ("direct", "shared")
+REGION_KEY = re.compile(r"^(pk|sk)_(us|eu)_")
+
+OnError = Callable[[Exception, List[Dict[str, Any]]], None]
+
+
+def option(
+    default: Any,
+    *,
+    env: Optional[str] = None,
+    doc: str,
+    minimum: Optional[float] = None,
+    positional: Optional[int] = None,
+    source: bool = False,
+    alias: Optional[str] = None,
+    shown: str = "",
+    repr: bool = True,  # noqa: A002 - dataclasses.field's own name for it
+) -> Any:
+    """Declare one option (a dataclass field carrying its metadata).
+
+    ``positional``: index in the official ``Client`` signature; ``source``: travels
+    to the shared-mode uploader; ``alias``: a second accepted name; ``shown``: the
+    default as the README states it, when the value itself says too little.
+    """
+    meta = {
+        "env": env,
+        "doc": doc,
+        "minimum": minimum,
+        "positional": positional,
+        "source": source,
+        "alias": alias,
+        "shown": shown,
+    }
+    return dataclasses.field(default=default, repr=repr, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """One client's options, validated. ``write_key`` is kept out of ``repr``."""
+
+    write_key: str = option(
+        "",
+        env="CDP_WRITE_KEY",
+        doc="the source's write key; never logged",
+        positional=0,
+        source=True,
+        shown="required",
+        repr=False,
+    )
+    endpoint: str = option(
+        "",
+        env="CDP_ENDPOINT",
+        doc="API base URL",
+        positional=1,
+        source=True,
+        alias="host",
+        shown="US `https://cdp.customer.io`; `pk_eu_`/`sk_eu_` keys: `https://cdp-eu.customer.io`",
+    )
+    debug: bool = option(False, env="CDP_DEBUG", doc="set the `cdpmp` logger to DEBUG", positional=2)
+    max_queue_size: int = option(
+        10000,
+        env="CDP_MAX_QUEUE_SIZE",
+        doc="events held per process (direct) or per host (shared)",
+        minimum=1,
+        positional=3,
+    )
+    send: bool = option(True, doc="False: validate and build, never send", positional=4)
+    on_error: Optional[OnError] = option(None, doc="`f(error, batch)` for every event given up", positional=5)
+    gzip: bool = option(False, env="CDP_GZIP", doc="gzip request bodies", positional=6, source=True)
+    max_retries: int = option(
+        10, env="CDP_MAX_RETRIES", doc="retries per batch", minimum=0, positional=7, source=True
+    )
+    sync_mode: bool = option(False, doc="send each event inline, on the caller's thread", positional=8)
+    timeout: float = option(
+        15.0, env="CDP_TIMEOUT", doc="seconds per request", minimum=0.001, positional=9, source=True
+    )
+    proxies: Optional[Dict[str, str]] = option(
+        None, doc="`{scheme: url}`; default: `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`", positional=10
+    )
+    thread: int = option(
+        1, doc="accepted for compatibility: one consumer per process", minimum=1, positional=11
+    )
+    upload_size: int = option(
+        100, env="CDP_UPLOAD_SIZE", doc="events per batch", minimum=1, positional=12, source=True
+    )
+    upload_interval: float = option(
+        0.5,
+        env="CDP_UPLOAD_INTERVAL",
+        doc="seconds the oldest waiting event waits for a batch to fill",
+        minimum=0.0,
+        positional=13,
+        source=True,
+    )
+    retry_budget: float = option(
+        20.0, env="CDP_RETRY_BUDGET", doc="seconds of retrying per batch", minimum=0.0, source=True
+    )
+    exit_timeout: float = option(
+        10.0, env="CDP_EXIT_TIMEOUT", doc="seconds the exit drain may take", minimum=0.0
+    )
+    mode: str = option("direct", env="CDP_MODE", doc="`direct` or `shared`")
+
+    @property
+    def bearer(self) -> bool:
+        """Region keys are sent as ``Authorization: Bearer``; others as Basic."""
+        return REGION_KEY.match(self.write_key) is not None
+
+    @property
+    def batch_url(self) -> str:
+        return self.endpoint + "/v1/batch"
+
+
+@dataclasses.dataclass(frozen=True)
+class HostSettings:
+    """Options of a host's shared mode; from the environment only."""
+
+    runtime_dir: str = option(
+        "",
+        env="CDP_RUNTIME_DIR",
+        doc="where the ring lives",
+        shown="`/dev/shm/cdpmp-<uid>`, else `$XDG_RUNTIME_DIR/cdpmp`, else `<tmp>/cdpmp-<uid>`",
+    )
+    ring_bytes: int = option(
+        32 << 20, env="CDP_RING_BYTES", doc="ring data size in bytes (only for a new ring)", minimum=4096
+    )
+    uploader_drain_timeout: float = option(
+        20.0, env="CDP_UPLOADER_DRAIN_TIMEOUT", doc="seconds the uploader drains after SIGTERM", minimum=0.0
+    )
+    uploader_idle_exit: float = option(
+        60.0,
+        env="CDP_UPLOADER_IDLE_EXIT",
+        doc="seconds of idleness (empty ring, no producers) before an auto-started uploader exits",
+        minimum=0.0,
+    )
+
+
+FIELDS: Tuple[dataclasses.Field[Any], ...] = dataclasses.fields(Settings)
+HOST_FIELDS: Tuple[dataclasses.Field[Any], ...] = dataclasses.fields(HostSettings)
+_BY_NAME = {f.name: f for f in FIELDS}
+_ALIASES = {f.metadata["alias"]: f.name for f in FIELDS if f.metadata["alias"]}
+_HINTS = typing.get_type_hints(Settings)
+_HOST_HINTS = typing.get_type_hints(HostSettings)
+POSITIONAL: Tuple[str, ...] = tuple(
+    f.name
+    for f in sorted(FIELDS, key=lambda f: f.metadata["positional"] or 0)
+    if f.metadata["positional"] is not None
+)
+#: Settings of :mod:`cdpmp.analytics`, with the value that means "not set": ``None``
+#: where the environment may supply it, else the default (as the official module).
+MODULE_SETTINGS: Dict[str, Any] = {}
+for _f in FIELDS:
+    MODULE_SETTINGS[_f.name] = None if _f.metadata["env"] or _f.name == "write_key" else _f.default
+    if _f.metadata["alias"]:
+        MODULE_SETTINGS[_f.metadata["alias"]] = None
+SOURCE_FIELDS: Tuple[str, ...] = tuple(f.name for f in FIELDS if f.metadata["source"])
+#: Option name → its environment variable, for every option that has one.
+ENV: Dict[str, str] = {f.name: f.metadata["env"] for f in FIELDS + HOST_FIELDS if f.metadata["env"]}
+
+
+def _signature() -> inspect.Signature:
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    # The official client calls its second positional parameter ``host``.
+    positional = [_BY_NAME[n].metadata["alias"] or n for n in POSITIONAL]
+    for name in positional:
+        params.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None))
+    for name in [f.name for f in FIELDS] + list(_ALIASES):
+        if name not in positional:
+            params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None))
+    return inspect.Signature(params)
+
+
+#: ``Client.__init__``'s signature, built from the table (``help(Client)`` shows it).
+CLIENT_SIGNATURE = _signature()
+
+
+def collect(args: Tuple[Any, ...], kwargs: Mapping[str, Any], caller: str = "Client()") -> Dict[str, Any]:
+    """Map positional and keyword arguments to option names; aliases folded in."""
+    if len(args) > len(POSITIONAL):
+        raise UnknownOption(caller, f"takes at most {len(POSITIONAL)} positional arguments")
+    given: Dict[str, Any] = dict(zip(POSITIONAL, args))
+    for key, value in kwargs.items():
+        name = _ALIASES.get(key, key)
+        if name not in _BY_NAME:
+            raise UnknownOption(caller, f"unexpected argument {key!r}")
+        if value is None:
+            continue
+        previous = given.get(name)
+        if previous is not None and previous != value:
+            raise ConfigurationError(name, f"given twice with different values ({key!r} is its alias)")
+        given[name] = value
+    return {k: v for k, v in given.items() if v is not None}
+
+
+# -- validation ----------------------------------------------------------------------------
+
+
+def _as_bool(name: str, raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigurationError(name, f"expected a boolean, got {raw!r}")
+
+
+def _from_env(f: dataclasses.Field[Any], kind: Any, raw: str) -> Any:
+    env = f.metadata["env"]
+    if kind is bool:
+        return _as_bool(env, raw)
+    if kind in (int, float):
+        try:
+            return kind(raw.strip())
+        except ValueError:
+            raise ConfigurationError(
+                f.name, f"{env}={raw!r} is not {'an integer' if kind is int else 'a number'}"
+            ) from None
+    return raw
+
+
+def _check(f: dataclasses.Field[Any], kind: Any, value: Any) -> Any:
+    name = f.name
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise InvalidArgumentType(name, "a bool", value)
+        return value
+    if kind in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidArgumentType(name, "a number", value)
+        if kind is int and not isinstance(value, int):
+            raise InvalidArgumentType(name, "an int", value)
+        minimum = f.metadata["minimum"]
+        if not math.isfinite(value) or (minimum is not None and value < minimum):
+            raise ConfigurationError(name, f"must be a finite number >= {minimum}, got {value!r}")
+        return kind(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise InvalidArgumentType(name, "a str", value)
+        return value
+    if name == "on_error":
+        if not value:  # the official client treats any falsy value as "no callback"
+            return None
+        if not callable(value):
+            raise InvalidArgumentType(name, "a callable", value)
+        return value
+    if name == "proxies":
+        if not isinstance(value, dict):
+            raise InvalidArgumentType(name, "a dict", value)
+        return dict(value)
+    raise AssertionError(f"no validation rule for option {name}")  # pragma: no cover
+
+
+def _value(
+    f: dataclasses.Field[Any], hints: Mapping[str, Any], given: Mapping[str, Any], env: Mapping[str, str]
+) -> Any:
+    kind = hints[f.name]
+    value = given.get(f.name)
+    if value is None and f.metadata["env"]:
+        raw = env.get(f.metadata["env"])
+        if raw not in (None, ""):
+            value = _from_env(f, kind, raw)
+    if value is None:
+        return f.default
+    return _check(f, kind, value)
+
+
+def resolve(given: Mapping[str, Any], env: Optional[Mapping[str, str]] = None) -> Settings:
+    """Validate ``given`` (option name → value, ``None`` = not given) and fill the
+    gaps from ``env`` (default ``os.environ``), then the defaults."""
+    env = os.environ if env is None else env
+    values = {f.name: _value(f, _HINTS, given, env) for f in FIELDS}
+    key = values["write_key"]
+    if not key:
+        raise ConfigurationError(
+            "write_key", "is required: pass write_key= or set the CDP_WRITE_KEY environment variable"
+        )
+    # Keys read from secret files often end in a newline; http.client would reject
+    # the header with an error that quotes the whole key.
+    key = values["write_key"] = key.strip()
+    if not key or any(ord(c) < 32 or ord(c) == 127 for c in key):
+        raise ConfigurationError("write_key", "must be non-empty and contain no control characters")
+    url = values["endpoint"]
+    if not url:
+        region = REGION_KEY.match(key)
+        url = EU_ENDPOINT if region and region.group(2) == "eu" else US_ENDPOINT
+    if not url.startswith(("http://", "https://")):
+        raise ConfigurationError("endpoint", "must start with http:// or https://")
+    values["endpoint"] = url.rstrip("/")
+    if values["mode"] not in MODES:
+        raise ConfigurationError("mode", f"must be one of {MODES}, got {values['mode']!r}")
+    return Settings(**values)
+
+
+def host_settings(env: Optional[Mapping[str, str]] = None) -> HostSettings:
+    """The host-level options, from ``env`` (default ``os.environ``) or defaults."""
+    env = os.environ if env is None else env
+    return HostSettings(**{f.name: _value(f, _HOST_HINTS, {}, env) for f in HOST_FIELDS})
+
+
+def env_mode(env: Optional[Mapping[str, str]] = None) -> str:
+    """``CDP_MODE`` as the clients of this process will resolve it (hooks use it)."""
+    field = _BY_NAME["mode"]
+    raw = (os.environ if env is None else env).get(field.metadata["env"]) or field.default
+    return str(raw)
+
+
+def source_entry(settings: Settings) -> Dict[str, Any]:
+    """What the uploader needs to send for this client (written to ``sources.json``)."""
+    return {name: getattr(settings, name) for name in SOURCE_FIELDS}
+
+
+def from_source_entry(entry: Mapping[str, Any]) -> Settings:
+    """Rebuild a source's settings in the uploader; the environment is not consulted."""
+    return resolve({k: v for k, v in entry.items() if k in SOURCE_FIELDS}, env={})
+
+
+def markdown_table() -> str:
+    """The README's table of options, generated from this module."""
+    rows = ["| option | environment | default | meaning |", "|---|---|---|---|"]
+    for f in FIELDS:
+        name = f"`{f.name}`" + (f" (alias `{f.metadata['alias']}`)" if f.metadata["alias"] else "")
+        rows.append(_row(name, f))
+    for f in HOST_FIELDS:
+        rows.append(_row("host-wide, shared mode", f))
+    return "\n".join(rows)
+
+
+def _row(name: str, f: dataclasses.Field[Any]) -> str:
+    env = f"`{f.metadata['env']}`" if f.metadata["env"] else "—"
+    default = f.metadata["shown"] or f"`{f.default}`"
+    return f"| {name} | {env} | {default} | {f.metadata['doc']} |"
+
+
+__all__ = [
+    "CLIENT_SIGNATURE",
+    "ENV",
+    "MODULE_SETTINGS",
+    "HostSettings",
+    "OnError",
+    "Settings",
+    "collect",
+    "from_source_entry",
+    "host_settings",
+    "markdown_table",
+    "resolve",
+    "source_entry",
+]

@@ -1,0 +1,127 @@
+"""Process-wide state: the registry of live clients, fork and exit hooks, thread policy.
+
+Everything cdpmp knows about *this process* lives in one object, :data:`PROCESS`.
+It knows clients only through the small :class:`Member` protocol, so it imports no
+client code (no import cycle).
+
+Two fork mechanisms, because neither is enough alone:
+
+* every sink stamps its state with ``os.getpid()`` and compares on each ``put`` and
+  ``flush``; this catches forks that run no Python hook (uWSGI forks from C and, by
+  default, calls none; so does a ctypes ``fork()``);
+* one ``os.register_at_fork(after_in_child=...)``, registered at import, resets every
+  live member right after ``os.fork()`` so the child never touches an inherited lock
+  or socket even before its first call.
+
+Fork hooks cannot be unregistered, so the hook is a module-level function over a
+``WeakSet``: it never keeps a client alive (sentry-python's monitor uses a weak
+reference for the same reason).
+
+The exit hook is registered once, the first time any consumer starts. ``atexit``
+registrations are inherited by children, so draining is pid-aware: each sink only
+drains what its own process queued. Durations are seconds.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import time
+import weakref
+from typing import List, Optional, Protocol
+
+from ._options import Settings
+
+
+class Member(Protocol):
+    """What the process registry needs from a client."""
+
+    settings: Settings
+
+    def _reset_after_fork(self) -> None: ...
+
+    def shutdown(self, timeout: Optional[float] = None) -> bool: ...
+
+
+class ProcessState:
+    """The one holder of process-wide state (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._live: weakref.WeakSet[Member] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._exit_hook = False
+        # False when the host runs no background threads (uWSGI without
+        # enable-threads): sinks then send due batches on the calling thread.
+        self.threads_available = True
+        # A process that must never start a thread and sends each event inline: a
+        # uWSGI master that loads the app before forking workers from C. A thread
+        # alive there at fork time leaves the children's interpreter state invalid.
+        self._threadless_pid = -1
+
+    def register(self, member: Member) -> None:
+        with self._lock:
+            self._live.add(member)
+
+    def unregister(self, member: Member) -> None:
+        with self._lock:
+            self._live.discard(member)
+
+    def members(self) -> List[Member]:
+        """The members alive in this process (a snapshot, safe to iterate)."""
+        with self._lock:
+            return list(self._live)
+
+    def after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()  # never acquire a lock inherited mid-acquire
+        self.reset_in_child()
+
+    def reset_in_child(self) -> None:
+        """Reset every member created before a fork; a no-op for members whose state
+        already belongs to this pid, so server hooks may call it again."""
+        for member in self.members():
+            member._reset_after_fork()
+
+    def disable_threads(self) -> None:
+        """Make sinks deliver on the calling thread from now on."""
+        self.threads_available = False
+
+    def keep_threadless(self) -> None:
+        """This process (not its children) sends inline and starts no thread."""
+        self._threadless_pid = os.getpid()
+
+    def threadless_here(self) -> bool:
+        return self._threadless_pid == os.getpid()
+
+    def may_start_thread(self) -> bool:
+        return self.threads_available and self._threadless_pid != os.getpid()
+
+    def ensure_exit_hook(self) -> None:
+        if not self._exit_hook:
+            self._exit_hook = True
+            atexit.register(self.drain_all)
+
+    def drain_all(self, timeout: Optional[float] = None) -> bool:
+        """Shut down every live member of this process, sharing one deadline.
+
+        ``timeout`` None means each member's own ``exit_timeout``. Returns True when
+        all queues drained. Used by atexit and by the server integrations.
+        """
+        drained = True
+        start = time.monotonic()
+        for member in self.members():
+            budget = member.settings.exit_timeout if timeout is None else timeout
+            remaining = max(0.0, budget - (time.monotonic() - start))
+            drained = member.shutdown(timeout=remaining) and drained
+        return drained
+
+
+PROCESS = ProcessState()
+
+
+def _after_fork_in_child() -> None:
+    PROCESS.after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

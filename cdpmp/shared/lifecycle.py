@@ -1,0 +1,126 @@
+"""The uploader's lifecycle as seen from outside it: liveness, start, stop.
+
+Liveness: the pid published in the ring header is alive and its heartbeat is fresher
+than ``STALE_AFTER`` seconds.
+
+Start (:func:`spawn`, the one launcher): at most once per ``SPAWN_EVERY`` seconds
+host-wide (``Ring.claim_spawn``), a producer runs a tiny launcher interpreter that
+starts ``python -m cdpmp.shared.uploader`` in a new session and exits at once. The
+uploader is therefore never a fork of a worker or master (it would inherit
+listeners, locks and flock fds), and it is reparented to init, so no server master
+reaps it (gunicorn's master calls ``waitpid(-1)``; the launcher exits 0, which it
+ignores). The launcher is reaped lazily at the next start and at exit: the request
+path never waits for it. Its environment carries no write key: sources reach the
+uploader through ``sources.json`` only.
+
+Stop (:func:`stop`): SIGTERM the published pid after checking its create time (a pid
+may be reused), then wait for it to exit; the uploader drains first.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import subprocess
+import sys
+import time
+from typing import Dict, List, Tuple
+
+import psutil
+
+from .._options import ENV
+from .files import open_log, runtime_dir
+from .ring import Ring, pid_alive
+
+STALE_AFTER = 5.0  # seconds without a heartbeat before an uploader counts as dead
+SPAWN_EVERY = 2.0  # seconds between spawn attempts, host-wide
+
+_LAUNCHER = (
+    "import subprocess, sys; "
+    "subprocess.Popen([sys.executable, '-m', 'cdpmp.shared.uploader', '--auto', '--dir', sys.argv[1]], "
+    "stdin=subprocess.DEVNULL, start_new_session=True, close_fds=True)"
+)
+_launchers: List[subprocess.Popen[bytes]] = []
+_reap_at_exit: List[bool] = []
+
+
+def alive(ring: Ring) -> bool:
+    pid, _, beat = ring.uploader()
+    return bool(pid) and time.time() - beat < STALE_AFTER and pid_alive(pid)
+
+
+def _reap(wait: float = 0.0) -> None:
+    for proc in list(_launchers):
+        try:
+            proc.wait(wait) if wait else proc.poll()
+        except subprocess.TimeoutExpired:
+            continue
+        if proc.returncode is not None:
+            _launchers.remove(proc)
+
+
+def _uploader_env() -> Dict[str, str]:
+    """The uploader's environment: ours without the write key."""
+    return {k: v for k, v in os.environ.items() if k != ENV["write_key"]}
+
+
+def spawn(directory: str) -> None:
+    """Start a detached uploader (via a launcher that exits at once)."""
+    _reap()
+    log_fd = open_log(directory)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-c", _LAUNCHER, directory],
+            stdin=subprocess.DEVNULL,
+            stdout=log_fd,
+            stderr=log_fd,
+            env=_uploader_env(),
+            start_new_session=True,
+            close_fds=True,
+        )
+    finally:
+        os.close(log_fd)
+    if not _reap_at_exit:
+        _reap_at_exit.append(True)
+        atexit.register(_reap, 1.0)
+    _launchers.append(proc)
+
+
+def ensure(ring: Ring, directory: str, wait: float = 0.0) -> bool:
+    """Spawn an uploader if none is alive; with ``wait``, wait that long for it."""
+    if alive(ring):
+        return True
+    if ring.claim_spawn(SPAWN_EVERY):
+        spawn(directory)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if alive(ring):
+            return True
+        time.sleep(0.02)
+    return alive(ring)
+
+
+def stop(ring: Ring, timeout: float) -> bool:
+    """SIGTERM the live uploader (it drains first) and wait up to ``timeout`` seconds
+    for it to exit. The pid is checked against its create time before signalling."""
+    pid, ctime, _ = ring.uploader()
+    if not pid:
+        return True
+    try:
+        proc = psutil.Process(pid)
+        if ctime and abs(proc.create_time() - ctime) > 1:
+            return True  # the pid was reused: not our uploader
+        proc.terminate()
+        proc.wait(timeout)
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.TimeoutExpired:
+        return False
+    return True
+
+
+def host_ring() -> Tuple[Ring, str]:
+    """The ring of this host and user, for hooks and ``cdpmp stats``. The caller
+    closes it (``ring.close()``): an open handle is inherited by every fork."""
+    directory = runtime_dir()
+    return Ring(directory), directory

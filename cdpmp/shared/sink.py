@@ -1,0 +1,147 @@
+"""Shared mode, producer side: ``SharedSink``, what ``track()`` runs in shared mode.
+
+A ``track()`` serialises the message once (in the client) and appends it to the
+host's ring (:mod:`.ring`): no thread, no socket, no wake-up; the uploader polls the
+ring on a timer. The host-wide limit is checked under the ring lock, so a full host
+answers ``(False, msg)`` synchronously.
+
+Sources: each client is a *source* (write key + endpoint + delivery settings),
+identified in records by a 64-bit id. Its settings reach the uploader through the
+sources file (:mod:`.files`), never argv, a process title or a log line.
+
+At most once a second a producer checks the uploader's liveness and, if it is gone,
+starts one (:func:`.lifecycle.ensure`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from typing import Optional, Tuple
+
+import psutil
+
+from .._options import Settings, host_settings, source_entry
+from .._outcome import HostStats, Ledger
+from ..errors import DeliveryError, MessageRejected
+from . import lifecycle
+from .files import RuntimeDirError, runtime_dir, write_source
+from .ring import Ring, RingFormatError
+
+logger = logging.getLogger("cdpmp")
+
+CHECK_EVERY = 1.0  # seconds between a producer's liveness checks
+
+
+def source_id(settings: Settings) -> int:
+    digest = hashlib.blake2b(f"{settings.write_key}\0{settings.endpoint}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") or 1
+
+
+def open_ring(settings: Settings) -> Tuple[Ring, str]:
+    directory = runtime_dir()
+    capacity = host_settings().ring_bytes
+    return Ring(directory, capacity=capacity, max_count=settings.max_queue_size), directory
+
+
+class SharedSink:
+    """Producer side of shared mode; all state is re-opened per pid."""
+
+    mode = "shared"
+
+    def __init__(self, settings: Settings, ledger: Ledger) -> None:
+        self._settings = settings
+        self._ledger = ledger
+        self._ring: Optional[Ring] = None
+        self._open()
+
+    def _open(self) -> None:
+        # Never reuse the parent's lock fd: an inherited flock is the same lock. Close
+        # the inherited handle: a descriptor kept open keeps its lock's owner alive.
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        self._pid = os.getpid()
+        self._ring, self._dir = open_ring(self._settings)
+        self._source = source_id(self._settings)
+        with self._ring.locked():
+            write_source(self._dir, self._source, source_entry(self._settings))
+        self._next_check = 0.0
+        self._registered = False
+
+    def reset_after_fork(self) -> None:
+        if self._pid != os.getpid():
+            self._ledger.reset()
+            self._pid = -1  # re-open lazily on first use in this process
+
+    def _here(self) -> Ring:
+        if self._pid != os.getpid() or self._ring is None:
+            self._open()
+        assert self._ring is not None
+        return self._ring
+
+    def put(self, data: bytes) -> Optional[DeliveryError]:
+        ring = self._ring if self._pid == os.getpid() and self._ring is not None else self._here()
+        refusal: Optional[DeliveryError] = None
+        if ring.put(self._source, data):
+            self._ledger.queued += 1
+        else:
+            refusal = MessageRejected("queue_full", f"the host holds {ring.max_count} messages")
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._next_check = now + CHECK_EVERY
+            self._check_uploader(ring)
+        return refusal
+
+    def _check_uploader(self, ring: Ring) -> None:
+        if not self._registered:
+            self._registered = True
+            ring.register_producer(os.getpid(), _create_time(os.getpid()))
+        try:
+            lifecycle.ensure(ring, self._dir)
+        except OSError as exc:
+            self._ledger.log.warning("spawn", "cdpmp: cannot start the uploader: %s", exc)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything in the ring when called has been acknowledged."""
+        ring = self._here()
+        deadline = time.monotonic() + timeout
+        _, target, _ = ring.bounds()
+        next_check = 0.0
+        while True:
+            if ring.bounds()[0] >= target:
+                return True
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            if now >= next_check:  # the uploader may die while we wait
+                next_check = now + CHECK_EVERY / 4
+                lifecycle.ensure(ring, self._dir)
+            time.sleep(0.01)
+
+    def shutdown(self, timeout: float) -> bool:
+        return self.flush(timeout)  # queued events live in the ring, not in this process
+
+    def depth(self) -> int:
+        return int(self._here().bounds()[2])
+
+    def host(self) -> Optional[HostStats]:
+        return self._here().counters()
+
+
+def _create_time(pid: int) -> float:
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return 0.0
+
+
+def make_shared_sink(settings: Settings, ledger: Ledger) -> Optional[SharedSink]:
+    """A SharedSink, or None (after one warning) when shared mode cannot work here."""
+    try:
+        return SharedSink(settings, ledger)
+    except (RuntimeDirError, RingFormatError, OSError) as exc:
+        logger.warning("cdpmp: shared mode unavailable (%s); using direct mode", exc)
+        return None
