@@ -5,23 +5,33 @@ Owns the coercion rules for values inside ``properties``/``traits``/``context``:
 ==========================  ==================================================
 value                        sent as
 ==========================  ==================================================
-datetime / date              ISO-8601 string; a naive datetime is taken as UTC
-Decimal                      a JSON number with all its digits (non-finite: str)
+datetime / date / time       ISO-8601 string; a naive datetime is taken as UTC
+Decimal                      a JSON number with all its digits; str when it is
+                             not finite or beyond a double's range (±1e308)
+float NaN / ±infinity        ``null`` (JSON has no such numbers)
 UUID                         its canonical string
 set / frozenset / tuple      a list
 Enum                         its value
 bytes / bytearray            UTF-8 text (undecodable bytes become U+FFFD)
 dataclass instance           a dict of its fields
 int beyond 64 bits           a string of its digits
-non-str dict key             ``str(key)``
+non-str dict key             ``str(key)`` (bytes keys: UTF-8 text); two keys
+                             that become the same string refuse the message
 anything else                ``str(value)``, with a one-time warning per key path
 ==========================  ==================================================
 
+Refused (``(False, msg)``, counted as ``unserializable``): a value that refers to
+itself (a cycle), a datetime whose ``tzinfo`` raises, an int too long for ``str()``,
+an object whose ``str()`` raises, two keys that collide. Refused as ``oversize``: a
+value that expands to more nodes than a 32 KiB message can hold (shared references
+are expanded, so this bounds the walk in time and memory).
+
 The fast path is one ``orjson.dumps`` call with a ``default`` hook for the types orjson
-lacks. Only when it meets something it cannot coerce without the key path (an unknown
-object, a huge int, a non-str key, nesting past orjson's limit) do we walk the value in
-Python, once, to build a JSON-safe copy and name the paths we had to ``str()``. The
-caller's containers are never mutated: the walk copies.
+lacks; datetimes always go through the hook (``OPT_PASSTHROUGH_DATETIME``) so no C
+code ever calls a user's ``tzinfo``. Only when it meets something it cannot coerce
+without the key path (an unknown object, a huge int, a non-str key, nesting past
+orjson's limit, a cycle) do we walk the value in Python, once, in time linear in its
+expanded size, to build a JSON-safe copy. The caller's containers are never mutated.
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ import os
 import time
 import uuid
 from decimal import Decimal
-from typing import Any, Dict, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import orjson
 from dateutil.parser import isoparse
@@ -45,21 +55,53 @@ from .errors import InvalidArgument, InvalidArgumentType
 logger = logging.getLogger("cdpmp")
 
 MAX_MESSAGE_BYTES = 32 * 1024
-_OPTIONS = orjson.OPT_NAIVE_UTC
+_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME
 _MAX_DEPTH = 200  # orjson refuses > 254 levels; leave room for the envelope
+# Every node is at least one byte of JSON plus a separator: more nodes than this
+# cannot fit in a 32 KiB message, so the walk stops there.
+_MAX_NODES = MAX_MESSAGE_BYTES
 _WARNED_LIMIT = 1024
+_PATH_SHOWN = 120  # characters of a key path kept for a warning
 _warned: Set[Tuple[str, str]] = set()
+_UTC = _dt.timezone.utc
+_DOUBLE_EXP = 308
+
+
+class Unencodable(ValueError):
+    """The message cannot be encoded; ``reason`` is the counter it is charged to."""
+
+    def __init__(self, detail: str, reason: str = "unserializable") -> None:
+        self.reason = reason
+        super().__init__(detail)
 
 
 class _NeedsWalk(Exception):
     """Raised from the orjson hook: this value needs the path-aware slow path."""
 
 
+def _iso(value: Any) -> str:
+    """ISO-8601 for datetime/date/time; a naive datetime is UTC. A ``tzinfo`` that
+    raises refuses the message instead of reaching any C serialiser."""
+    try:
+        if isinstance(value, _dt.datetime):
+            if value.tzinfo is None or value.utcoffset() is None:
+                value = value.replace(tzinfo=_UTC)
+        return str(value.isoformat())
+    except Exception as exc:  # noqa: BLE001 - a user's tzinfo may raise anything
+        raise Unencodable(f"a {type(value).__name__} whose tzinfo raised {type(exc).__name__}") from None
+
+
+def _decimal(value: Decimal) -> Any:
+    if value.is_finite() and abs(value.adjusted()) <= _DOUBLE_EXP:
+        return orjson.Fragment(str(value).encode())
+    return str(value)
+
+
 def _default(value: Any) -> Any:
+    if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
+        return _iso(value)
     if isinstance(value, Decimal):
-        if value.is_finite():
-            return orjson.Fragment(str(value).encode())
-        return str(value)
+        return _decimal(value)
     if isinstance(value, (set, frozenset)):
         return list(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -67,49 +109,94 @@ def _default(value: Any) -> Any:
     raise _NeedsWalk
 
 
+def log_safe(text: str, limit: int = _PATH_SHOWN) -> str:
+    """User text made fit for one log line: bounded, control characters escaped."""
+    short = text[:limit] + ("..." if len(text) > limit else "")
+    return short.encode("unicode_escape", "backslashreplace").decode("ascii", "replace")
+
+
 def _warn_once(path: str, value: object) -> None:
-    key = (path, type(value).__name__)
+    key = (log_safe(path), type(value).__name__)
     if key in _warned or len(_warned) >= _WARNED_LIMIT:
         return
     _warned.add(key)
-    logger.warning("cdpmp: value of type %s at %s was sent as str()", key[1], path)
+    logger.warning("cdpmp: value of type %s at %s was sent as str()", key[1], key[0])
 
 
-def _walk(value: Any, path: str, depth: int) -> Any:
-    """Return a JSON-safe copy of ``value``; ``path`` names it for warnings."""
-    if value is None or isinstance(value, (str, bool, float)):
-        return value
-    if isinstance(value, int):
-        return value if -(2**63) <= value < 2**64 else str(value)
-    if depth > _MAX_DEPTH:
+class _Walk:
+    """One slow-path walk: cycle detection over the current path, a node budget."""
+
+    def __init__(self) -> None:
+        self.active: Set[int] = set()
+        self.nodes = 0
+
+    def value(self, value: Any, path: str, depth: int) -> Any:
+        self.nodes += 1
+        if self.nodes > _MAX_NODES:
+            raise Unencodable(f"a value with more than {_MAX_NODES} parts", reason="oversize")
+        if value is None or isinstance(value, (str, bool, float)):
+            return value
+        if isinstance(value, int):
+            if -(2**63) <= value < 2**64:
+                return value
+            return _int_str(value)
+        if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
+            return _iso(value)
+        if depth > _MAX_DEPTH:
+            _warn_once(path, value)
+            return _safe_str(value)
+        if isinstance(value, (dict, list, tuple, set, frozenset)):
+            ident = id(value)
+            if ident in self.active:
+                raise Unencodable(f"a value that contains itself at {log_safe(path)}")
+            self.active.add(ident)
+            try:
+                return self._container(value, path, depth)
+            finally:
+                self.active.discard(ident)
+        if isinstance(value, uuid.UUID):
+            return str(value)
+        if isinstance(value, enum.Enum):
+            return self.value(value.value, path, depth + 1)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+            return self.value(fields, path, depth + 1)
+        if isinstance(value, Decimal):
+            return _decimal(value)
+        try:
+            return self.value(_default(value), path, depth + 1)
+        except _NeedsWalk:
+            pass
         _warn_once(path, value)
         return _safe_str(value)
-    if isinstance(value, dict):
-        out = {}
-        for key, item in value.items():
-            name = key if isinstance(key, str) else _key_str(key)
-            out[name] = _walk(item, f"{path}.{name}", depth + 1)
-        return out
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_walk(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)]
-    if isinstance(value, (_dt.datetime, _dt.date, _dt.time, uuid.UUID)):
-        return value  # orjson formats these natively
-    if isinstance(value, enum.Enum):
-        return _walk(value.value, path, depth + 1)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-        return _walk(fields, path, depth + 1)
+
+    def _container(self, value: Any, path: str, depth: int) -> Any:
+        if isinstance(value, dict):
+            out: Dict[str, Any] = {}
+            for key, item in value.items():
+                name = key if isinstance(key, str) else _key_str(key)
+                if name in out:
+                    raise Unencodable(f"two keys of {log_safe(path)} both become {log_safe(name, 40)!r}")
+                out[name] = self.value(item, f"{path}.{name[:40]}", depth + 1)
+            return out
+        items: List[Any] = [self.value(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)]
+        return items
+
+
+def _int_str(value: int) -> str:
     try:
-        return _walk(_default(value), path, depth + 1)
-    except _NeedsWalk:
-        pass
-    _warn_once(path, value)
-    return _safe_str(value)
+        return str(value)
+    except ValueError:  # longer than sys.get_int_max_str_digits()
+        raise Unencodable("an int too long to write in decimal") from None
 
 
 def _key_str(key: object) -> str:
     if isinstance(key, enum.Enum):
         key = key.value
+    if isinstance(key, (bytes, bytearray)):
+        return bytes(key).decode("utf-8", "replace")
+    if isinstance(key, int) and not isinstance(key, bool):
+        return _int_str(key)
     return _safe_str(key)
 
 
@@ -119,14 +206,40 @@ def _safe_str(value: object) -> str:
     return str(value)
 
 
+_NESTED = (dict, list, tuple)
+
+
+def _fits(value: Any, budget: int, depth: int) -> int:
+    """The node budget left once ``value`` is expanded, or -1: the fast path must not
+    see it (a cycle, nesting past ``_MAX_DEPTH``, or more parts than a message can
+    hold: a wide DAG of shared lists would make orjson write 2**depth items). Only
+    containers recurse; a cycle runs out of depth or budget within 200 levels."""
+    items = value.values() if type(value) is dict else value
+    budget -= len(items)
+    if budget < 0 or depth > _MAX_DEPTH:
+        return -1
+    for item in items:
+        if type(item) in _NESTED:
+            budget = _fits(item, budget, depth + 1)
+            if budget < 0:
+                return -1
+    return budget
+
+
 def serialize(message: Dict[str, Any]) -> bytes:
-    """Serialise ``message`` to compact JSON bytes (raises ``TypeError``/``ValueError``
-    only for values that even ``str()`` refuses)."""
+    """Serialise ``message`` to compact JSON bytes. Raises :class:`Unencodable` (or
+    whatever a user object's ``str()`` raises) for a message that cannot be sent."""
+    if _fits(message, _MAX_NODES, 0) < 0:
+        return orjson.dumps(_Walk().value(message, "message", 0), default=_default, option=_OPTIONS)
     try:
         return orjson.dumps(message, default=_default, option=_OPTIONS)
-    except (_NeedsWalk, TypeError):
-        pass  # orjson wraps errors from default() in JSONEncodeError (a TypeError)
-    return orjson.dumps(_walk(message, "message", 0), default=_default, option=_OPTIONS)
+    except Unencodable:
+        raise
+    except (_NeedsWalk, TypeError) as exc:
+        if isinstance(exc.__cause__, Unencodable):
+            raise exc.__cause__ from None
+        # orjson wraps errors from default() in JSONEncodeError (a TypeError)
+    return orjson.dumps(_Walk().value(message, "message", 0), default=_default, option=_OPTIONS)
 
 
 def new_message_id() -> str:
@@ -169,20 +282,30 @@ def format_timestamp(value: object) -> str:
             raise InvalidArgument("timestamp", "not an ISO-8601 date/time string") from None
     else:
         raise InvalidArgumentType("timestamp", "a datetime, date or ISO-8601 str", value)
-    if when.tzinfo is None or when.utcoffset() is None:
-        when = when.replace(tzinfo=_dt.timezone.utc)
-    return when.isoformat(timespec="milliseconds")
+    try:
+        if when.tzinfo is None or when.utcoffset() is None:
+            when = when.replace(tzinfo=_UTC)
+        return when.isoformat(timespec="milliseconds")
+    except Exception as exc:  # noqa: BLE001 - a user's tzinfo may raise anything
+        raise InvalidArgument("timestamp", f"its tzinfo raised {type(exc).__name__}") from None
 
 
 def identifier(name: str, value: object) -> Optional[str]:
     """``user_id``-like values: str, int, float or UUID, sent as str."""
-    if value is None or isinstance(value, str):
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if not value:
+            raise InvalidArgument(name, "must not be empty")
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float, uuid.UUID)):
         raise InvalidArgumentType(name, "a str, int or UUID", value)
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidArgument(name, "must be finite")
-    return str(value)
+    try:
+        return str(value)
+    except ValueError:
+        raise InvalidArgument(name, "an int too long to write in decimal") from None
 
 
 def mapping(name: str, value: object) -> Dict[str, Any]:

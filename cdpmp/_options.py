@@ -291,13 +291,16 @@ def _value(
 ) -> Any:
     kind = hints[f.name]
     value = given.get(f.name)
-    if value is None and f.metadata["env"]:
-        raw = env.get(f.metadata["env"])
-        if raw not in (None, ""):
-            value = _from_env(f, kind, raw)
-    if value is None:
+    if value is not None:
+        return _check(f, kind, value)
+    raw = env.get(f.metadata["env"]) if f.metadata["env"] else None
+    if raw in (None, ""):
         return f.default
-    return _check(f, kind, value)
+    try:
+        return _check(f, kind, _from_env(f, kind, raw))
+    except (InvalidArgumentType, ConfigurationError) as exc:
+        # Name the variable: the user never passed this value as an argument.
+        raise ConfigurationError(f.name, f"from {f.metadata['env']}: {exc}") from None
 
 
 def resolve(given: Mapping[str, Any], env: Optional[Mapping[str, str]] = None) -> Settings:

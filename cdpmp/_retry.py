@@ -12,7 +12,9 @@ Which outcomes are retried is decided in one place, :mod:`cdpmp._outcome`.
 from __future__ import annotations
 
 import dataclasses
+import email.utils
 import random
+import time
 from typing import Callable, Optional
 
 
@@ -25,9 +27,6 @@ def parse_retry_after(raw: Optional[str]) -> Optional[float]:
         return max(0.0, float(raw))
     except ValueError:
         pass
-    import email.utils
-    import time
-
     try:
         when = email.utils.parsedate_to_datetime(raw)
     except (TypeError, ValueError):

@@ -28,7 +28,7 @@ from typing import Deque, List, Optional, Protocol
 from ._options import Settings
 from ._outcome import HostStats, Ledger, internal_error
 from ._process import PROCESS
-from ._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES, Transport
+from ._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES, Transport, send_splitting
 from .errors import DeliveryError, MessageRejected, ShutdownAbandoned
 
 _IDLE_WAIT = 5.0  # seconds an idle consumer sleeps before re-checking (safety net only)
@@ -52,6 +52,12 @@ class Sink(Protocol):
 
     def reset_after_fork(self) -> None:
         """Forget every resource inherited from the parent process."""
+
+    def retire(self) -> None:
+        """Deliver what is held, then release threads and sockets; never waits."""
+
+    def retired(self) -> bool:
+        """True once a retired sink holds nothing and runs nothing."""
 
     def depth(self) -> int:
         """Messages accepted but not yet delivered or failed."""
@@ -87,6 +93,12 @@ class SyncSink:
     def reset_after_fork(self) -> None:
         pass  # the transport re-creates its session per pid by itself
 
+    def retire(self) -> None:
+        self.transport.close()
+
+    def retired(self) -> bool:
+        return True
+
     def depth(self) -> int:
         return 0
 
@@ -118,6 +130,7 @@ class DirectSink:
         self._first_at = 0.0
         self._urgent = False
         self._stopping = False
+        self._retiring = False  # replaced: a consumer started now exits once idle
         self._thread: Optional[threading.Thread] = None
 
     def reset_after_fork(self) -> None:
@@ -174,7 +187,7 @@ class DirectSink:
         PROCESS.ensure_exit_hook()  # also without a thread: exit then drains inline
         if not PROCESS.may_start_thread():
             return
-        self._stopping = False
+        self._stopping = self._retiring
         self._abort = threading.Event()
         thread = threading.Thread(target=self._run, name="cdpmp-consumer", daemon=True)
         try:
@@ -188,22 +201,34 @@ class DirectSink:
 
     def _run(self) -> None:
         while not self._abort.is_set():
-            self._wake.clear()
-            with self._lock:
-                n = len(self._queue)
-                urgent = self._urgent or self._stopping
-                first_at = self._first_at
-                if n == 0 and self._stopping:
+            try:
+                if not self._step():
                     break
-            if n == 0:
-                self._wake.wait(_IDLE_WAIT)
-                continue
-            if not urgent and n < self._settings.upload_size and self._queued_bytes < _BATCH_ROOM:
-                remaining = first_at + self._settings.upload_interval - time.monotonic()
-                if remaining > 0:
-                    self._wake.wait(remaining)
-                    continue
-            self._send(self._take(), None)
+            except Exception as exc:  # noqa: BLE001 - the consumer must outlive any bug
+                internal_error("the direct-mode consumer", exc)
+                self._abort.wait(0.1)
+        self.transport.close()  # a retired or stopped consumer keeps no socket
+
+    def _step(self) -> bool:
+        """One turn of the consumer; False when it should stop."""
+        self._wake.clear()
+        with self._lock:
+            n = len(self._queue)
+            urgent = self._urgent or self._stopping
+            first_at = self._first_at
+            if n == 0 and self._stopping:
+                self._thread = None
+                return False
+        if n == 0:
+            self._wake.wait(_IDLE_WAIT)
+            return True
+        if not urgent and n < self._settings.upload_size and self._queued_bytes < _BATCH_ROOM:
+            remaining = first_at + self._settings.upload_interval - time.monotonic()
+            if remaining > 0:
+                self._wake.wait(remaining)
+                return True
+        self._send(self._take(), None)
+        return True
 
     def _take(self) -> List[bytes]:
         batch: List[bytes] = []
@@ -223,31 +248,39 @@ class DirectSink:
         return batch
 
     def _send(self, batch: List[bytes], deadline: Optional[float]) -> None:
-        error: Optional[DeliveryError]
+        """Deliver one batch (split when the endpoint refuses its content) and account
+        for every message in it, whatever happens."""
+        settled = 0
         try:
-            attempt = self.transport.send(batch, self._abort, deadline)
+            parts = send_splitting(lambda part: self.transport.send(part, self._abort, deadline), batch)
+            for part, attempt in parts:
+                self._ledger.attempts(attempt.requests, attempt.retries)
+                if attempt.error is None:
+                    self._ledger.delivered(len(part))
+                else:
+                    self._ledger.lost(attempt.error, list(part))
+                settled += len(part)
         except Exception as exc:  # noqa: BLE001 - a bug must not kill the consumer or wedge depth()
-            error = internal_error("the direct-mode consumer", exc)
-        else:
-            self._ledger.attempts(attempt.requests, attempt.retries)
-            error = attempt.error
-        if error is None:
-            self._ledger.delivered(len(batch))
-        else:
-            self._ledger.lost(error, list(batch))
-        with self._lock:
-            self._in_flight -= len(batch)
-            if not self._queue and self._in_flight == 0:
-                self._urgent = False
-                self._idle.notify_all()
+            self._ledger.lost(internal_error("the direct-mode consumer", exc), list(batch[settled:]))
+        finally:
+            with self._lock:
+                self._in_flight -= len(batch)
+                if not self._queue and self._in_flight == 0:
+                    self._urgent = False
+                    self._idle.notify_all()
 
     # -- flush / shutdown ----------------------------------------------------------
+    # Every wait below is bounded by the caller's deadline, lock acquisition included:
+    # flush() may run in a signal handler that interrupted this same thread inside
+    # put(), holding the (non-reentrant) lock; it then answers False at its deadline.
 
     def flush(self, timeout: float) -> bool:
         if self._pid != os.getpid():
             self.reset_after_fork()
         deadline = time.monotonic() + timeout
-        with self._lock:
+        if not self._lock.acquire(timeout=max(0.0, timeout)):
+            return False
+        try:
             if not self._queue and self._in_flight == 0:
                 return True
             self._urgent = True
@@ -255,15 +288,21 @@ class DirectSink:
             if thread is None or not thread.is_alive():
                 self._start_locked()
                 thread = self._thread
+        finally:
+            self._lock.release()
         if thread is None:
             return self._drain_inline(deadline)
         self._wake.set()
-        with self._idle:
+        if not self._idle.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return False
+        try:
             while self._queue or self._in_flight:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
                 self._idle.wait(remaining)
+        finally:
+            self._idle.release()
         return True
 
     def _drain_inline(self, deadline: float) -> bool:
@@ -272,14 +311,31 @@ class DirectSink:
             self._send(self._take(), deadline)
         return not self._queue
 
+    def retire(self) -> None:
+        """Send what is queued soon, then let the consumer exit and close its socket
+        (a client replaced by new module settings). Never waits."""
+        if self._pid != os.getpid():
+            return
+        with self._lock:
+            self._urgent = self._stopping = self._retiring = True
+        self._wake.set()
+
+    def retired(self) -> bool:
+        """True once a retired sink holds nothing and runs no thread."""
+        return self._retiring and self._thread is None and not self._queue and self._in_flight == 0
+
     def shutdown(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         drained = self.flush(timeout)
-        with self._lock:
+        if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return False
+        try:
             self._stopping = True
             thread = self._thread
             if not drained:
                 self._abort.set()  # cut retries short: the deadline is spent
+        finally:
+            self._lock.release()
         self._wake.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join(max(0.0, deadline - time.monotonic()) + 0.1)

@@ -26,10 +26,15 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, TypeVar
 
 import orjson
 import urllib3
+
+try:  # imported here, never lazily: a child forked mid-import would deadlock on it
+    import certifi
+except ImportError:  # pragma: no cover - certifi is optional
+    certifi = None  # type: ignore[assignment]
 
 from ._message import now_iso
 from ._options import Settings
@@ -117,6 +122,13 @@ class Transport:
             self._pid = pid
         return self._local_pool
 
+    def close(self) -> None:
+        """Close this process's sockets (the pool is rebuilt if used again)."""
+        pool = self._local_pool
+        if pool is not None and self._pid == os.getpid():
+            self._local_pool = None
+            pool.clear()
+
     def _post_once(self, body: bytes, timeout: float) -> _Response:
         pool = self._pool()
         response = pool.request(
@@ -188,11 +200,7 @@ class Transport:
 
 def _ca_bundle() -> Optional[str]:
     """certifi's bundle when installed (what requests used), else the system store."""
-    try:
-        import certifi
-    except ImportError:
-        return None
-    return str(certifi.where())
+    return None if certifi is None else str(certifi.where())
 
 
 def _api_error(response: _Response, final: bool) -> APIError:
@@ -209,3 +217,28 @@ def _api_error(response: _Response, final: bool) -> APIError:
         else:
             message = str(payload)[:500]
     return APIError(response.status_code, code, message, final=final)
+
+
+T = TypeVar("T")
+# Answers that mean "this request's content was refused", so one bad message in a
+# batch would otherwise take every good one with it: the batch is split and resent.
+_SPLIT_STATUSES = frozenset({400, 413, 422})
+
+
+def send_splitting(send: Callable[[List[T]], Attempt], items: List[T]) -> List[Tuple[List[T], Attempt]]:
+    """Send ``items``; when the endpoint refuses the batch for its content, bisect it
+    and resend the halves, until the refused messages stand alone. Returns each part
+    sent with its outcome, in order. A refused batch was not processed (the API's
+    rule), so resending its other messages duplicates nothing."""
+    attempt = send(items)
+    error = attempt.error
+    if (
+        error is None
+        or len(items) < 2
+        or not isinstance(error, APIError)
+        or not error.final
+        or error.status not in _SPLIT_STATUSES
+    ):
+        return [(items, attempt)]
+    mid = len(items) // 2
+    return send_splitting(send, items[:mid]) + send_splitting(send, items[mid:])

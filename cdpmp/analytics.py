@@ -68,8 +68,11 @@ def _rebuild() -> Client:
         _built_from.clear()
         _built_from.update(values)
     if old is not None:
-        _retired.append(old)  # kept alive so the exit hook still drains it
-        old.flush(timeout=0)  # start sending now; do not wait on the request path
+        # Kept until it has sent what it held (so exit still drains it), then let go:
+        # re-assigning settings per request or per tenant must not pile up clients.
+        _retired[:] = [c for c in _retired if not c._retired()]
+        _retired.append(old)
+        old._retire()  # start sending now; never wait on the request path
     return new
 
 
@@ -105,7 +108,9 @@ def alias(*args: Any, **kwargs: Any) -> Result:
 
 def _each(method: str, timeout: Optional[float]) -> bool:
     clients = list(_retired) + ([default_client] if default_client is not None else [])
-    return all([getattr(c, method)(timeout) for c in clients])
+    done = all([getattr(c, method)(timeout) for c in clients])
+    _retired[:] = [c for c in _retired if not c._retired()]
+    return done
 
 
 def flush(timeout: Optional[float] = None) -> bool:

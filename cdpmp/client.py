@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from ._message import (
     MAX_MESSAGE_BYTES,
+    Unencodable,
     format_timestamp,
     identifier,
     mapping,
@@ -29,6 +30,7 @@ from ._process import PROCESS
 from ._sink import DirectSink, Sink, SyncSink
 from ._version import LIBRARY_NAME, __version__
 from .errors import MessageRejected, MissingIdentity
+from .shared.sink import make_shared_sink
 
 logger = logging.getLogger("cdpmp")
 
@@ -78,8 +80,6 @@ class Client:
         if self.settings.sync_mode:
             return SyncSink(self.settings, self._ledger)
         if self.settings.mode == "shared" and self.settings.send:
-            from .shared.sink import make_shared_sink
-
             sink = make_shared_sink(self.settings, self._ledger)
             if sink is not None:
                 return sink
@@ -250,7 +250,11 @@ class Client:
     ) -> Dict[str, Any]:
         # The common cases (str ids, no context) skip the validating helpers: this
         # runs on every call of every request.
-        uid = user_id if user_id is None or type(user_id) is str else identifier("user_id", user_id)
+        uid = (
+            user_id
+            if user_id is None or (type(user_id) is str and user_id)
+            else identifier("user_id", user_id)
+        )
         aid = anonymous_id if anonymous_id is None else identifier("anonymous_id", anonymous_id)
         if identity and uid is None and aid is None:
             raise MissingIdentity()
@@ -274,6 +278,8 @@ class Client:
     def _enqueue(self, msg: Dict[str, Any]) -> Result:
         try:
             data = serialize(msg)
+        except Unencodable as exc:
+            return self._reject(msg, "oversize" if exc.reason == "oversize" else "unserializable", str(exc))
         except Exception as exc:  # noqa: BLE001 - str() of a user object may raise anything
             return self._reject(msg, "unserializable", f"{type(exc).__name__} while encoding")
         if len(data) > MAX_MESSAGE_BYTES:
@@ -314,6 +320,14 @@ class Client:
 
     def _reset_after_fork(self) -> None:
         self._sink.reset_after_fork()
+
+    def _retire(self) -> None:
+        """Replaced (new module settings): send what is held, release threads and
+        sockets, without waiting."""
+        self._sink.retire()
+
+    def _retired(self) -> bool:
+        return self._sink.retired()
 
 
 Client.__init__.__signature__ = CLIENT_SIGNATURE  # type: ignore[attr-defined]

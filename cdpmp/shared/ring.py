@@ -51,8 +51,9 @@ import os
 import struct
 import threading
 import time
+import weakref
 from contextlib import contextmanager
-from typing import Iterator, List, NamedTuple, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 from .._outcome import HostStats
 from .files import RuntimeDirError, open_private
@@ -94,6 +95,22 @@ class RingFormatError(RuntimeDirError):
     """The ring file exists but has another format version or is damaged."""
 
 
+class RingBusy(OSError):
+    """The ring lock could not be taken within the caller's deadline."""
+
+
+def _flock_within(fd: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise RingBusy("the ring lock is held by another process") from None
+            time.sleep(0.001)
+
+
 class Record(NamedTuple):
     start: int  # offset of this record (its identity while it is in the ring)
     end: int  # offset just past this record
@@ -111,6 +128,8 @@ class Ring:
     def __init__(self, directory: str, capacity: int = 32 << 20, max_count: int = 10000) -> None:
         self.path = os.path.join(directory, "ring")
         self._lock_fd = open_private(os.path.join(directory, "ring.lock"))
+        # A handle dropped without close() must not leak its lock descriptor.
+        self._release_fd = weakref.finalize(self, _close_fd, self._lock_fd)
         self._tlock = threading.Lock()
         with self._locked():
             fd = open_private(self.path)
@@ -138,8 +157,10 @@ class Ring:
         self.max_count: int = limit
 
     def close(self) -> None:
-        self.mm.close()
-        os.close(self._lock_fd)
+        """Unmap and close the lock descriptor (idempotent)."""
+        if not self.mm.closed:
+            self.mm.close()
+        self._release_fd()
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -148,13 +169,25 @@ class Ring:
             yield
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with self._tlock:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+    def _locked(self, timeout: Optional[float] = None) -> Iterator[None]:
+        """Both locks; with ``timeout`` (seconds) raise :class:`RingBusy` instead of
+        waiting longer (a signal handler may interrupt this thread while it holds
+        them: the non-reentrant thread lock then never frees)."""
+        if timeout is None:
+            self._tlock.acquire()
+        elif not self._tlock.acquire(timeout=timeout):
+            raise RingBusy("the ring lock is held by this process")
+        try:
+            if timeout is None:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            else:
+                _flock_within(self._lock_fd, timeout)
             try:
                 yield
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        finally:
+            self._tlock.release()
 
     # -- producers -----------------------------------------------------------------------
 
@@ -213,6 +246,12 @@ class Ring:
         """(head, tail, count), read under the lock."""
         with self._locked():
             return HEAD_TAIL_COUNT.unpack_from(self.mm, 32)
+
+    def peek(self) -> Tuple[int, int, int]:
+        """(head, tail, count) without any lock: each is one aligned 8-byte word and
+        head and tail only grow, so a waiter comparing them needs no lock (and a
+        signal handler may call it while this thread holds the lock)."""
+        return HEAD_TAIL_COUNT.unpack_from(self.mm, 32)
 
     def read(self, start: int, limit_records: int, limit_bytes: int) -> List[Record]:
         """Parse records from ``start`` up to the current tail (they are immutable until
@@ -276,7 +315,7 @@ class Ring:
     def claim_spawn(self, min_interval: float) -> bool:
         """True for the one caller per ``min_interval`` seconds allowed to spawn."""
         now = time.time()
-        with self._locked():
+        with self._locked(timeout=0.5):
             (last,) = struct.unpack_from("<d", self.mm, _SPAWN_AT)
             if now - last < min_interval:
                 return False
@@ -326,6 +365,13 @@ class Ring:
             heartbeat_age=(time.time() - beat) if beat else None,
             last_error=error or None,
         )
+
+
+def _close_fd(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def pid_alive(pid: int) -> bool:

@@ -25,7 +25,7 @@ import psutil
 
 from .._options import Settings, host_settings, source_entry
 from .._outcome import HostStats, Ledger
-from ..errors import DeliveryError, MessageRejected
+from ..errors import ConfigurationError, DeliveryError, MessageRejected
 from . import lifecycle
 from .files import RuntimeDirError, runtime_dir, write_source
 from .ring import Ring, RingFormatError
@@ -105,27 +105,41 @@ class SharedSink:
             self._ledger.log.warning("spawn", "cdpmp: cannot start the uploader: %s", exc)
 
     def flush(self, timeout: float) -> bool:
-        """Wait until everything in the ring when called has been acknowledged."""
+        """Wait until everything in the ring when called has been acknowledged. Takes
+        no lock to wait (safe from a signal handler); the deadline covers all of it."""
         ring = self._here()
         deadline = time.monotonic() + timeout
-        _, target, _ = ring.bounds()
+        _, target, _ = ring.peek()
         next_check = 0.0
         while True:
-            if ring.bounds()[0] >= target:
+            if ring.peek()[0] >= target:
                 return True
             now = time.monotonic()
             if now >= deadline:
                 return False
             if now >= next_check:  # the uploader may die while we wait
                 next_check = now + CHECK_EVERY / 4
-                lifecycle.ensure(ring, self._dir)
-            time.sleep(0.01)
+                try:
+                    lifecycle.ensure(ring, self._dir)
+                except OSError as exc:
+                    self._ledger.log.warning("spawn", "cdpmp: cannot start the uploader: %s", exc)
+            time.sleep(min(0.01, max(0.0, deadline - now)))
 
     def shutdown(self, timeout: float) -> bool:
         return self.flush(timeout)  # queued events live in the ring, not in this process
 
+    def retire(self) -> None:
+        """Queued events live in the ring: only release this process's handle."""
+        if self._ring is not None and self._pid == os.getpid():
+            self._ring.close()
+            self._ring = None
+            self._pid = -1
+
+    def retired(self) -> bool:
+        return self._ring is None
+
     def depth(self) -> int:
-        return int(self._here().bounds()[2])
+        return int(self._here().peek()[2])
 
     def host(self) -> Optional[HostStats]:
         return self._here().counters()
@@ -142,6 +156,6 @@ def make_shared_sink(settings: Settings, ledger: Ledger) -> Optional[SharedSink]
     """A SharedSink, or None (after one warning) when shared mode cannot work here."""
     try:
         return SharedSink(settings, ledger)
-    except (RuntimeDirError, RingFormatError, OSError) as exc:
+    except (RuntimeDirError, RingFormatError, OSError, ConfigurationError) as exc:
         logger.warning("cdpmp: shared mode unavailable (%s); using direct mode", exc)
         return None

@@ -41,7 +41,7 @@ import psutil
 from .._options import Settings, from_source_entry, host_settings
 from .._outcome import internal_error
 from .._retry import RetryPolicy
-from .._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES, Transport
+from .._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES, Transport, send_splitting
 from ..errors import CdpmpError, DeliveryError
 from .files import UPLOADER_LOCK, append_dead_letter, path, read_sources, runtime_dir
 from .ring import Record, Ring
@@ -180,21 +180,19 @@ class Uploader:
                 self._acked.add(rec.start)  # nothing to send: free it with the rest
             else:
                 pending.append(rec)
-        done: List[List[Record]] = []
+        done: List[Record] = []
         failed = False
         for sid, batch in self._batches(pending):
-            if not self._send(sid, batch, deadline):
+            if not self._send(sid, batch, deadline, done):
                 failed = True
                 break
-            done.append(batch)
         if not failed:
             # The common case: every record of the window is done (sent now, or acked in
             # an earlier pass over this same window start); free it without bookkeeping.
             self._acked.clear()
             self.ring.release(window[-1].end, sum(1 for r in window if r.payload))
         else:
-            for batch in done:
-                self._acked.update(r.start for r in batch)
+            self._acked.update(r.start for r in done)
             self._release(head, window)
         self._first_seen = time.monotonic() if self.ring.bounds()[2] else None
         return True
@@ -230,27 +228,35 @@ class Uploader:
         out.sort(key=lambda item: item[1][0].start)
         return out
 
-    def _send(self, sid: int, batch: List[Record], deadline: Optional[float]) -> bool:
-        attempt = self._transports[sid].send([r.payload for r in batch], self.stop, deadline)
-        self.ring.bump("requests", attempt.requests)
-        if attempt.retries:
-            self.ring.bump("retries", attempt.retries)
-        error = attempt.error
-        if error is None:
-            self.ring.bump("sent", len(batch))
-            self.ring.bump("batches")
-            self._failures = 0
-        elif error.final:
-            self._dead_letter(sid, batch, error)
-        else:
-            self.ring.set_error(str(error))
-            self._failures += 1
-            pause = RetryPolicy(backoff_base=0.5, backoff_cap=5.0).delay(self._failures)
-            self._backoff_until = time.monotonic() + pause
-            logger.warning(
-                "cdpmp uploader: %s; keeping %d record(s), retrying in %.1fs", error, len(batch), pause
-            )
-            return False
+    def _send(self, sid: int, batch: List[Record], deadline: Optional[float], done: List[Record]) -> bool:
+        """Send one batch, split when the endpoint refuses its content; records that
+        are done (sent or dead-lettered) are appended to ``done``. False when a
+        retryable failure stopped it: the rest stays in the ring."""
+        transport = self._transports[sid]
+        parts = send_splitting(
+            lambda recs: transport.send([r.payload for r in recs], self.stop, deadline), batch
+        )
+        for part, attempt in parts:
+            self.ring.bump("requests", attempt.requests)
+            if attempt.retries:
+                self.ring.bump("retries", attempt.retries)
+            error = attempt.error
+            if error is None:
+                self.ring.bump("sent", len(part))
+                self.ring.bump("batches")
+                self._failures = 0
+            elif error.final:
+                self._dead_letter(sid, part, error)
+            else:
+                self.ring.set_error(str(error))
+                self._failures += 1
+                pause = RetryPolicy(backoff_base=0.5, backoff_cap=5.0).delay(self._failures)
+                self._backoff_until = time.monotonic() + pause
+                logger.warning(
+                    "cdpmp uploader: %s; keeping %d record(s), retrying in %.1fs", error, len(part), pause
+                )
+                return False
+            done.extend(part)
         return True
 
     def _release(self, head: int, window: List[Record]) -> None:
