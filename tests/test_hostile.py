@@ -111,9 +111,10 @@ def test_ids_the_api_would_refuse_are_refused_at_the_call(call: Callable[[Any], 
     assert argument in str(info.value)
 
 
+@pytest.mark.parametrize("latency", [0.0, 0.15], ids=["loopback", "150ms"])
 @pytest.mark.parametrize("mode", ["direct", "shared"])
 def test_a_batch_refused_for_its_content_is_split_and_the_good_messages_arrive(
-    mode: str, collector: Collector, request: pytest.FixtureRequest
+    mode: str, latency: float, collector: Collector, request: pytest.FixtureRequest
 ) -> None:
     if mode == "shared":
         request.getfixturevalue("runtime_dir")
@@ -127,7 +128,7 @@ def test_a_batch_refused_for_its_content_is_split_and_the_good_messages_arrive(
         on_error=lambda e, b: errors.append(e),
     )
     # The first three answers refuse their batch (8, then 4 and 4): the quarters go through.
-    collector.script([Fault(status=400)] * 3)
+    collector.script([Fault(status=400, delay=latency)] * 3 + [Fault(delay=latency)] * 4)
     ids = [client.track("u", "E", {"i": i})[1]["messageId"] for i in range(8)]
     assert client.flush(timeout=20)
     assert collector.wait_for(8, timeout=20)
