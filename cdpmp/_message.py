@@ -233,8 +233,6 @@ def serialize(message: Dict[str, Any]) -> bytes:
         return orjson.dumps(_Walk().value(message, "message", 0), default=_default, option=_OPTIONS)
     try:
         return orjson.dumps(message, default=_default, option=_OPTIONS)
-    except Unencodable:
-        raise
     except (_NeedsWalk, TypeError) as exc:
         if isinstance(exc.__cause__, Unencodable):
             raise exc.__cause__ from None
