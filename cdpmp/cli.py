@@ -146,14 +146,26 @@ def _fork_workers(analytics: Any, workers: int, events: int) -> int:
 
 
 def cmd_collector(args: argparse.Namespace) -> int:
-    from .testing import Collector
+    from .testing import Collector, Conditions, Outage
 
     def show(msg: Dict[str, Any]) -> None:
         print(json.dumps(msg, sort_keys=True), flush=True)
 
     key = _read_key(args) or "test-write-key"
-    with Collector(write_key=key, port=args.port, on_message=show) as collector:
+    try:
+        conditions = Conditions(
+            latency=args.latency,
+            jitter=args.jitter,
+            outages=tuple(Outage.parse(o) for o in args.outage),
+            fault_rate=args.fault_rate,
+        )
+    except ValueError as exc:
+        print(f"cdpmp collector: {exc}", file=sys.stderr)
+        return 2
+    with Collector(write_key=key, port=args.port, on_message=show, conditions=conditions) as collector:
         print(f"collector listening on {collector.url} (POST /v1/batch); Ctrl-C stops", flush=True)
+        if conditions != Conditions():
+            print(f"network conditions: {conditions}", flush=True)
         try:
             while True:
                 time.sleep(1)
@@ -216,6 +228,18 @@ def build_parser() -> argparse.ArgumentParser:
     col.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: ephemeral)")
     col.add_argument("--write-key", help="key the collector accepts (prefer CDP_WRITE_KEY)")
     col.add_argument("--write-key-file", help="file holding the key")
+    col.add_argument("--latency", type=float, default=0.0, help="seconds before each answer (a round trip)")
+    col.add_argument("--jitter", type=float, default=0.0, help="extra uniform 0..JITTER seconds per answer")
+    col.add_argument(
+        "--outage",
+        action="append",
+        default=[],
+        metavar="START:END:STATUS|drop",
+        help="from START to END seconds after start, answer STATUS (or drop connections); repeatable",
+    )
+    col.add_argument(
+        "--fault-rate", type=float, default=0.0, help="probability a request is answered 503 (0..1)"
+    )
     col.set_defaults(func=cmd_collector)
 
     track = sub.add_parser("track", help="send one track event (inline, with retries)")

@@ -3,9 +3,12 @@
 It checks what the real service checks (auth scheme and key, gzip, the 32 KiB message
 and 500 KB request limits, the message schema), records every request and every
 accepted message, counts duplicates by ``messageId``, and can be scripted with faults
-(status sequences, ``Retry-After``, delays, dropped connections). cdpmp's own tests
-use it; users get it through the ``cdp_collector`` pytest fixture and as
-``cdpmp collector`` on the command line.
+(status sequences, ``Retry-After``, delays, dropped connections). It also plays the
+network a real region is behind (:class:`Conditions`): a response latency with jitter,
+outages scripted over time (a window answering a status, or dropping connections) and
+a per-request fault rate. cdpmp's own tests and benchmarks use it; users get it
+through the ``cdp_collector`` pytest fixture and as ``cdpmp collector`` on the command
+line (``--latency``, ``--jitter``, ``--outage``, ``--fault-rate``).
 
 Example::
 
@@ -22,13 +25,14 @@ import base64
 import collections
 import dataclasses
 import gzip
+import random
 import re
 import socket
 import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import orjson
 from dateutil.parser import isoparse
@@ -55,6 +59,54 @@ class Fault:
     drop_connection: bool = False
     accept: bool = False
     body: Optional[bytes] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Outage:
+    """From ``start`` to ``end`` seconds after the conditions were set, every request
+    is answered ``status`` without being processed, or its connection is dropped
+    (``status`` None)."""
+
+    start: float
+    end: float
+    status: Optional[int] = 503
+
+    @classmethod
+    def parse(cls, text: str) -> Outage:
+        """``START:END:STATUS`` or ``START:END:drop`` (the ``--outage`` syntax)."""
+        parts = text.split(":")
+        if len(parts) != 3:
+            raise ValueError(f"outage {text!r} is not START:END:STATUS or START:END:drop")
+        start, end = float(parts[0]), float(parts[1])
+        if not 0 <= start < end:
+            raise ValueError(f"outage {text!r}: need 0 <= START < END")
+        status = None if parts[2] == "drop" else int(parts[2])
+        if status is not None and not 100 <= status <= 599:
+            raise ValueError(f"outage {text!r}: status must be 100..599 or 'drop'")
+        return cls(start, end, status)
+
+
+@dataclasses.dataclass(frozen=True)
+class Conditions:
+    """The network between a client and the endpoint, as the collector plays it.
+
+    Every answer waits ``latency`` plus a uniform ``0..jitter`` seconds (a round trip
+    to a real region is 30–200 ms); the connection threads of the collector wait in
+    parallel, as a real endpoint's would. ``outages`` are windows of time; outside
+    them each request fails with ``fault_status`` with probability ``fault_rate``
+    (unprocessed, so a correct client resends it). Scripted faults go first.
+    """
+
+    latency: float = 0.0
+    jitter: float = 0.0
+    outages: Tuple[Outage, ...] = ()
+    fault_rate: float = 0.0
+    fault_status: int = 503
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.latency < 0 or self.jitter < 0 or not 0 <= self.fault_rate <= 1:
+            raise ValueError("latency and jitter must be >= 0, fault_rate in [0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +204,7 @@ class Collector:
         port: int = 0,
         on_message: Optional[Callable[[Dict[str, Any]], None]] = None,
         strict: bool = True,
+        conditions: Optional[Conditions] = None,
     ) -> None:
         """``strict=False`` skips the per-message schema and size checks (auth, gzip, the
         request limit and JSON are still checked): for benchmarks, where the collector
@@ -168,6 +221,7 @@ class Collector:
         self._server = _QuietServer(("127.0.0.1", port), _make_handler(self))
         self._server.daemon_threads = True
         self._thread: Optional[threading.Thread] = None
+        self.set_conditions(conditions or Conditions())
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -207,6 +261,35 @@ class Collector:
         """Answer the next ``len(faults)`` requests with these faults, in order."""
         with self._cond:
             self._faults.extend(faults)
+
+    def set_conditions(self, conditions: Conditions) -> None:
+        """Play ``conditions`` from now on; outage windows count from this call."""
+        with self._cond:
+            self.conditions = conditions
+            self._since = time.monotonic()
+            self._random = random.Random(conditions.seed)  # noqa: S311 - simulation, not security
+
+    def _network_fault(self) -> Fault:
+        """The scripted fault, else what the conditions make of this request."""
+        with self._cond:
+            if self._faults:
+                fault = self._faults.popleft()
+                return dataclasses.replace(fault, delay=fault.delay + self._latency_locked())
+            cond = self.conditions
+            delay = self._latency_locked()
+            elapsed = time.monotonic() - self._since
+            for outage in cond.outages:
+                if outage.start <= elapsed < outage.end:
+                    if outage.status is None:
+                        return Fault(drop_connection=True, delay=delay)
+                    return Fault(status=outage.status, delay=delay)
+            if cond.fault_rate and self._random.random() < cond.fault_rate:
+                return Fault(status=cond.fault_status, delay=delay)
+            return Fault(delay=delay)
+
+    def _latency_locked(self) -> float:
+        cond = self.conditions
+        return cond.latency + (self._random.uniform(0, cond.jitter) if cond.jitter else 0.0)
 
     def fail_next(self, count: int, status: int = 503, retry_after: Optional[str] = None) -> None:
         self.script([Fault(status=status, retry_after=retry_after)] * count)
@@ -255,10 +338,6 @@ class Collector:
             self._faults.clear()
 
     # -- request handling --------------------------------------------------------------
-
-    def _next_fault(self) -> Fault:
-        with self._cond:
-            return self._faults.popleft() if self._faults else Fault()
 
     def _record(self, record: RequestRecord, batch: Optional[List[Dict[str, Any]]]) -> None:
         with self._cond:
@@ -351,7 +430,7 @@ def _make_handler(collector: Collector) -> type:
             if urllib.parse.urlsplit(self.path).path != "/v1/batch":
                 self._answer(404, b'{"code":"not_found","message":"no such path"}')
                 return
-            fault = collector._next_fault()
+            fault = collector._network_fault()
             auth = (self.headers.get("Authorization") or "").split(" ")[0]
             record: Dict[str, Any] = {
                 "via_proxy": self.path.startswith("http"),
@@ -366,11 +445,15 @@ def _make_handler(collector: Collector) -> type:
                 collector._record(
                     RequestRecord(status=rej.status, messages=0, error=rej.message, **record), None
                 )
+                if fault.delay:
+                    time.sleep(fault.delay)
                 self._answer(rej.status, orjson.dumps({"code": rej.code, "message": rej.message}))
                 return
             status = 200 if fault.status is None else fault.status
             accepted = fault.status is None or fault.accept or 200 <= status < 300
             if fault.drop_connection:
+                if fault.delay:
+                    time.sleep(fault.delay)
                 collector._record(
                     RequestRecord(status=0, messages=len(batch), **record), batch if fault.accept else None
                 )
