@@ -72,6 +72,12 @@ def option(
     return dataclasses.field(default=default, repr=repr, metadata=meta)
 
 
+_HELD = (
+    "%s after which a failing batch is given up; none: held while the endpoint fails"
+    " (408/429/5xx, unreachable) until it answers or the exit deadline"
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """One client's options, validated. ``write_key`` is kept out of ``repr``."""
@@ -105,12 +111,17 @@ class Settings:
     send: bool = option(True, doc="False: validate and build, never send", positional=4)
     on_error: Optional[OnError] = option(None, doc="`f(error, batch)` for every event given up", positional=5)
     gzip: bool = option(False, env="CDP_GZIP", doc="gzip request bodies", positional=6, source=True)
-    max_retries: int = option(
-        10, env="CDP_MAX_RETRIES", doc="retries per batch", minimum=0, positional=7, source=True
+    max_retries: Optional[int] = option(
+        None, env="CDP_MAX_RETRIES", doc=_HELD % "retries", minimum=0, positional=7, source=True, shown="none"
     )
     sync_mode: bool = option(False, doc="send each event inline, on the caller's thread", positional=8)
     timeout: float = option(
-        15.0, env="CDP_TIMEOUT", doc="seconds per request", minimum=0.001, positional=9, source=True
+        15.0,
+        env="CDP_TIMEOUT",
+        doc="seconds per request, in total (connect, send and the whole answer)",
+        minimum=0.001,
+        positional=9,
+        source=True,
     )
     proxies: Optional[Dict[str, str]] = option(
         None, doc="`{scheme: url}`; default: `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`", positional=10
@@ -129,8 +140,16 @@ class Settings:
         positional=13,
         source=True,
     )
-    retry_budget: float = option(
-        20.0, env="CDP_RETRY_BUDGET", doc="seconds of retrying per batch", minimum=0.0, source=True
+    retry_budget: Optional[float] = option(
+        None,
+        env="CDP_RETRY_BUDGET",
+        doc=_HELD % "seconds of retrying",
+        minimum=0.0,
+        source=True,
+        shown="none",
+    )
+    max_in_flight: int = option(
+        16, env="CDP_MAX_IN_FLIGHT", doc="concurrent requests while a backlog lasts", minimum=1, source=True
     )
     exit_timeout: float = option(
         10.0, env="CDP_EXIT_TIMEOUT", doc="seconds the exit drain may take", minimum=0.0
@@ -290,6 +309,9 @@ def _value(
     f: dataclasses.Field[Any], hints: Mapping[str, Any], given: Mapping[str, Any], env: Mapping[str, str]
 ) -> Any:
     kind = hints[f.name]
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) is typing.Union and args[1:] == (type(None),) and args[0] in (int, float):
+        kind = args[0]  # Optional[number]: None is "not given", i.e. the default
     value = given.get(f.name)
     if value is not None:
         return _check(f, kind, value)
@@ -370,17 +392,5 @@ def _row(name: str, f: dataclasses.Field[Any]) -> str:
     return f"| {name} | {env} | {default} | {f.metadata['doc']} |"
 
 
-__all__ = [
-    "CLIENT_SIGNATURE",
-    "ENV",
-    "MODULE_SETTINGS",
-    "HostSettings",
-    "OnError",
-    "Settings",
-    "collect",
-    "from_source_entry",
-    "host_settings",
-    "markdown_table",
-    "resolve",
-    "source_entry",
-]
+__all__ = ["CLIENT_SIGNATURE", "ENV", "MODULE_SETTINGS", "HostSettings", "OnError", "Settings", "collect"]
+__all__ += ["from_source_entry", "host_settings", "markdown_table", "resolve", "source_entry"]

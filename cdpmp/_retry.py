@@ -36,10 +36,11 @@ def parse_retry_after(raw: Optional[str]) -> Optional[float]:
 
 @dataclasses.dataclass(frozen=True)
 class RetryPolicy:
-    """Backoff settings. ``max_retries`` counts retries after the first attempt."""
+    """Backoff settings. ``max_retries`` counts retries after the first attempt;
+    ``None`` (the default of both limits) means no limit."""
 
-    max_retries: int = 10
-    budget: float = 20.0
+    max_retries: Optional[int] = None
+    budget: Optional[float] = None
     backoff_base: float = 0.25
     backoff_cap: float = 8.0
     max_retry_after: float = 30.0
@@ -53,4 +54,4 @@ class RetryPolicy:
         return float(ceiling * (0.5 + 0.5 * self.rand()))
 
     def allows(self, attempt: int) -> bool:
-        return attempt <= self.max_retries
+        return self.max_retries is None or attempt <= self.max_retries

@@ -8,6 +8,10 @@ gracefully: closing only releases the child's copy of the descriptor.
 
 The body is assembled from already-serialised messages, so each message is encoded
 exactly once in its life. Durations are seconds.
+
+Deadlines are total: :mod:`cdpmp._deadline` cuts a request that overruns its overall
+deadline (connect, send and the whole response). Response bodies are read up to :data:`MAX_RESPONSE_BYTES`; a longer one is
+cut and its connection dropped, never kept in memory.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ try:  # imported here, never lazily: a child forked mid-import would deadlock on
 except ImportError:  # pragma: no cover - certifi is optional
     certifi = None  # type: ignore[assignment]
 
+from ._deadline import WATCHDOG, RequestDeadline, watched_pools
 from ._message import now_iso
 from ._options import Settings
 from ._outcome import classify_exception, classify_status, internal_error
@@ -49,6 +54,8 @@ MAX_BATCH_BYTES = 500_000
 # {"batch":[...],"sentAt":"2026-01-01T00:00:00.000+00:00"} minus the messages.
 ENVELOPE_BYTES = 64
 USER_AGENT = f"{LIBRARY_NAME}/{__version__} (python)"
+#: Bytes of a response body read at most (the API answers a few dozen).
+MAX_RESPONSE_BYTES = 64 * 1024
 
 
 def encode_body(messages: List[bytes]) -> bytes:
@@ -56,11 +63,13 @@ def encode_body(messages: List[bytes]) -> bytes:
 
 
 class Attempt(NamedTuple):
-    """What sending one batch came to: ``error`` None means acknowledged."""
+    """What sending one batch came to: ``error`` None means acknowledged;
+    ``retry_after`` is the endpoint's ``Retry-After`` (seconds) with a retryable error."""
 
     error: Optional[DeliveryError]
     requests: int
     retries: int
+    retry_after: Optional[float] = None
 
 
 class _Response:
@@ -116,9 +125,11 @@ class Transport:
             if self.settings.endpoint.startswith("https:"):
                 kwargs.update(cert_reqs="CERT_REQUIRED", ca_certs=_ca_bundle())
             if self._proxy:
-                self._local_pool = urllib3.ProxyManager(self._proxy, **kwargs)
+                pool: urllib3.PoolManager = urllib3.ProxyManager(self._proxy, **kwargs)
             else:
-                self._local_pool = urllib3.PoolManager(**kwargs)
+                pool = urllib3.PoolManager(**kwargs)
+            pool.pool_classes_by_scheme = watched_pools()
+            self._local_pool = pool
             self._pid = pid
         return self._local_pool
 
@@ -129,18 +140,67 @@ class Transport:
             self._local_pool = None
             pool.clear()
 
-    def _post_once(self, body: bytes, timeout: float) -> _Response:
+    def cancel(self) -> int:
+        """Cut this transport's requests in flight (a deadline that has passed)."""
+        return WATCHDOG.cancel(self)
+
+    def _post_once(self, body: bytes, deadline: float) -> _Response:
+        """One POST that ends by ``deadline`` whatever the endpoint does."""
         pool = self._pool()
-        response = pool.request(
-            "POST",
-            self.settings.batch_url,
-            body=body,
-            headers=self._headers,
-            timeout=urllib3.Timeout(connect=timeout, read=timeout),
-            redirect=False,
-            preload_content=True,
-        )
-        return _Response(response.status, response.headers, response.data)
+        timeout = max(0.001, deadline - time.monotonic())
+        WATCHDOG.begin(deadline, self)
+        try:
+            response = pool.request(
+                "POST",
+                self.settings.batch_url,
+                body=body,
+                headers=self._headers,
+                timeout=urllib3.Timeout(connect=timeout, read=timeout),
+                redirect=False,
+                preload_content=False,
+            )
+            content = b""
+            try:
+                content = response.read(MAX_RESPONSE_BYTES + 1, decode_content=False)
+            finally:
+                if len(content) > MAX_RESPONSE_BYTES:
+                    response.close()  # the rest is never read: drop the connection
+                response.release_conn()
+        except Exception as exc:
+            if WATCHDOG.end():
+                raise RequestDeadline(f"no complete answer within {timeout:.3g}s") from exc
+            raise
+        WATCHDOG.end()
+        return _Response(response.status, response.headers, content[:MAX_RESPONSE_BYTES])
+
+    def post(self, messages: List[bytes], deadline: Optional[float] = None) -> Attempt:
+        """ONE request for one batch, ending by ``deadline`` (default: ``timeout``
+        from now); the engines in :mod:`cdpmp._engine` decide about retries."""
+        end = time.monotonic() + self.settings.timeout
+        if deadline is not None:
+            end = min(end, deadline)
+        return self._attempt(self._encode(messages), end)
+
+    def _encode(self, messages: List[bytes]) -> bytes:
+        body = encode_body(messages)
+        return _gzip.compress(body, compresslevel=6) if self.settings.gzip else body
+
+    def _attempt(self, body: bytes, end: float) -> Attempt:
+        try:
+            response = self._post_once(body, end)
+        except Exception as exc:  # noqa: BLE001 - classified: retried, final or internal
+            verdict = classify_exception(exc)
+            if verdict == "final" and not isinstance(exc, urllib3.exceptions.HTTPError):
+                return Attempt(internal_error("sending a batch", exc), 1, 0)
+            detail = f": {exc}" if isinstance(exc, RequestDeadline) else ""
+            return Attempt(
+                TransportError(f"{type(exc).__name__} posting batch{detail}", final=verdict == "final"), 1, 0
+            )
+        verdict = classify_status(response.status_code)
+        if verdict == "success":
+            return Attempt(None, 1, 0)
+        retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        return Attempt(_api_error(response, final=verdict == "final"), 1, 0, retry_after)
 
     def send(
         self,
@@ -152,47 +212,32 @@ class Transport:
         success) and how many requests and retries it took.
 
         ``deadline`` (a ``time.monotonic()`` value) and ``abort`` cut retries short:
-        shutdown spends one time budget, not one per batch.
+        shutdown spends one time budget, not one per batch. Without ``retry_budget``
+        the retries of this inline path last one ``timeout`` at most (``sync_mode``
+        blocks its caller; the queued modes hold a failing batch instead).
         """
-        body = encode_body(messages)
-        if self.settings.gzip:
-            body = _gzip.compress(body, compresslevel=6)
-        budget_end = time.monotonic() + self.policy.budget
-        end = budget_end if deadline is None else min(budget_end, deadline)
-        requests = attempt = 0
+        body = self._encode(messages)
+        budget = self.policy.budget if self.policy.budget is not None else self.settings.timeout
+        end = time.monotonic() + budget
+        if deadline is not None:
+            end = min(end, deadline)
+        requests = retries = 0
         while True:
-            retry_after: Optional[float] = None
-            remaining = end - time.monotonic()
-            timeout = max(0.05, min(self.settings.timeout, remaining)) if deadline else self.settings.timeout
             requests += 1
-            try:
-                response = self._post_once(body, timeout)
-            except Exception as exc:  # noqa: BLE001 - classified: retried, final or internal
-                verdict = classify_exception(exc)
-                if verdict == "final" and not isinstance(exc, urllib3.exceptions.HTTPError):
-                    return Attempt(internal_error("sending a batch", exc), requests, attempt)
-                error: DeliveryError = TransportError(
-                    f"{type(exc).__name__} posting batch", final=verdict == "final"
-                )
-            else:
-                verdict = classify_status(response.status_code)
-                if verdict == "success":
-                    return Attempt(None, requests, attempt)
-                error = _api_error(response, final=verdict == "final")
-                retry_after = parse_retry_after(response.headers.get("Retry-After"))
-            if verdict == "final":
-                return Attempt(error, requests, attempt)
-            if not self.policy.allows(attempt + 1):
-                return Attempt(error, requests, attempt)
-            delay = self.policy.delay(attempt + 1, retry_after)
+            now = time.monotonic()
+            attempt = self._attempt(body, min(now + self.settings.timeout, max(end, now + 0.05)))
+            error = attempt.error
+            if error is None or error.final or not self.policy.allows(retries + 1):
+                return Attempt(error, requests, retries, attempt.retry_after)
+            delay = self.policy.delay(retries + 1, attempt.retry_after)
             if delay > end - time.monotonic():  # the wait would overrun the budget
-                return Attempt(error, requests, attempt)
-            attempt += 1
-            logger.debug("cdpmp: retry %d in %.2fs after %s", attempt, delay, error)
+                return Attempt(error, requests, retries, attempt.retry_after)
+            retries += 1
+            logger.debug("cdpmp: retry %d in %.2fs after %s", retries, delay, error)
             if abort is not None:
                 if abort.wait(delay):
                     return Attempt(
-                        ShutdownAbandoned("shutdown deadline passed during retry"), requests, attempt
+                        ShutdownAbandoned("shutdown deadline passed during retry"), requests, retries
                     )
             else:
                 time.sleep(delay)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, Optional, Tuple
 
+from ._direct import DirectSink
 from ._message import (
     MAX_MESSAGE_BYTES,
     Unencodable,
@@ -27,7 +28,7 @@ from ._message import (
 from ._options import CLIENT_SIGNATURE, FIELDS, Settings, collect, resolve
 from ._outcome import DropReason, Ledger, Stats
 from ._process import PROCESS
-from ._sink import DirectSink, Sink, SyncSink
+from ._sink import Sink, SyncSink
 from ._version import LIBRARY_NAME, __version__
 from .errors import MessageRejected, MissingIdentity
 from .shared.sink import make_shared_sink

@@ -21,27 +21,42 @@ Example::
 
 from __future__ import annotations
 
-import base64
 import collections
 import dataclasses
 import gzip
 import random
-import re
 import socket
 import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
 
 import orjson
-from dateutil.parser import isoparse
 
-from ._options import REGION_KEY as _REGION_KEY
+from ._conditions import Conditions, Outage
+from ._schema import (
+    MAX_MESSAGE_BYTES,
+    MAX_REQUEST_BYTES,
+    SchemaError,
+    check_time,
+    expected_authorization,
+    require,
+    validate_message,
+)
 
-MAX_MESSAGE_BYTES = 32 * 1024
-MAX_REQUEST_BYTES = 500_000
-TYPES = ("identify", "track", "page", "screen", "group", "alias")
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "MAX_REQUEST_BYTES",
+    "Collector",
+    "Conditions",
+    "Fault",
+    "Outage",
+    "RequestRecord",
+    "SchemaError",
+    "expected_authorization",
+    "validate_message",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,54 +77,6 @@ class Fault:
 
 
 @dataclasses.dataclass(frozen=True)
-class Outage:
-    """From ``start`` to ``end`` seconds after the conditions were set, every request
-    is answered ``status`` without being processed, or its connection is dropped
-    (``status`` None)."""
-
-    start: float
-    end: float
-    status: Optional[int] = 503
-
-    @classmethod
-    def parse(cls, text: str) -> Outage:
-        """``START:END:STATUS`` or ``START:END:drop`` (the ``--outage`` syntax)."""
-        parts = text.split(":")
-        if len(parts) != 3:
-            raise ValueError(f"outage {text!r} is not START:END:STATUS or START:END:drop")
-        start, end = float(parts[0]), float(parts[1])
-        if not 0 <= start < end:
-            raise ValueError(f"outage {text!r}: need 0 <= START < END")
-        status = None if parts[2] == "drop" else int(parts[2])
-        if status is not None and not 100 <= status <= 599:
-            raise ValueError(f"outage {text!r}: status must be 100..599 or 'drop'")
-        return cls(start, end, status)
-
-
-@dataclasses.dataclass(frozen=True)
-class Conditions:
-    """The network between a client and the endpoint, as the collector plays it.
-
-    Every answer waits ``latency`` plus a uniform ``0..jitter`` seconds (a round trip
-    to a real region is 30–200 ms); the connection threads of the collector wait in
-    parallel, as a real endpoint's would. ``outages`` are windows of time; outside
-    them each request fails with ``fault_status`` with probability ``fault_rate``
-    (unprocessed, so a correct client resends it). Scripted faults go first.
-    """
-
-    latency: float = 0.0
-    jitter: float = 0.0
-    outages: Tuple[Outage, ...] = ()
-    fault_rate: float = 0.0
-    fault_status: int = 503
-    seed: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        if self.latency < 0 or self.jitter < 0 or not 0 <= self.fault_rate <= 1:
-            raise ValueError("latency and jitter must be >= 0, fault_rate in [0, 1]")
-
-
-@dataclasses.dataclass(frozen=True)
 class RequestRecord:
     status: int  # 0 when the connection was dropped
     auth_scheme: str
@@ -119,80 +86,6 @@ class RequestRecord:
     messages: int
     error: str = ""
     via_proxy: bool = False
-
-
-class SchemaError(ValueError):
-    pass
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise SchemaError(message)
-
-
-def _is_str(value: object) -> bool:
-    return isinstance(value, str) and bool(value)
-
-
-# ISO-8601 date-time with an explicit offset. A regex, not a parser: the collector
-# shares the CPU with the clients it measures in the benchmarks.
-_ISO_WITH_OFFSET = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d(\.\d{1,9})?)?(Z|[+-]\d\d:?\d\d)")
-
-
-def _check_time(value: object, field: str) -> None:
-    _require(isinstance(value, str), f"{field} must be a string")
-    if not _ISO_WITH_OFFSET.fullmatch(str(value)):
-        try:
-            isoparse(str(value))
-        except ValueError:
-            raise SchemaError(f"{field} is not ISO-8601") from None
-        raise SchemaError(f"{field} has no UTC offset")
-
-
-def validate_message(msg: Any) -> None:
-    """Raise :class:`SchemaError` unless ``msg`` is a valid Pipelines message."""
-    _require(isinstance(msg, dict), "message is not an object")
-    kind = msg.get("type")
-    _require(kind in TYPES, f"unknown type {kind!r}")
-    _require(_is_str(msg.get("messageId")), "messageId missing")
-    _check_time(msg.get("timestamp"), "timestamp")
-    context = msg.get("context")
-    _require(isinstance(context, dict), "context missing")
-    library = context.get("library")
-    _require(
-        isinstance(library, dict) and _is_str(library.get("name")) and _is_str(library.get("version")),
-        "context.library {name, version} missing",
-    )
-    _require(isinstance(msg.get("integrations", {}), dict), "integrations must be an object")
-    for field in ("userId", "anonymousId"):  # null is accepted as "absent", as the service does
-        _require(msg.get(field) is None or _is_str(msg[field]), f"{field} must be a non-empty string")
-    if kind in ("identify", "track", "page", "screen"):
-        _require(
-            msg.get("userId") is not None or msg.get("anonymousId") is not None,
-            "userId or anonymousId required",
-        )
-    if kind == "track":
-        _require(_is_str(msg.get("event")), "event missing")
-    if kind in ("track", "page", "screen"):
-        _require(isinstance(msg.get("properties", {}), dict), "properties must be an object")
-    if kind in ("page", "screen"):
-        for field in ("name", "category"):
-            _require(msg.get(field) is None or isinstance(msg[field], str), f"{field} must be a string")
-    if kind in ("identify", "group"):
-        _require(isinstance(msg.get("traits", {}), dict), "traits must be an object")
-    if kind == "group":
-        _require(_is_str(msg.get("groupId")), "groupId missing")
-        _require("objectTypeId" not in msg or _is_str(msg["objectTypeId"]), "objectTypeId must be a string")
-    if kind == "alias":
-        _require(
-            _is_str(msg.get("previousId")) and _is_str(msg.get("userId")), "previousId and userId required"
-        )
-
-
-def expected_authorization(write_key: str) -> str:
-    if _REGION_KEY.match(write_key):
-        return "Bearer " + write_key
-    return "Basic " + base64.b64encode((write_key + ":").encode()).decode()
 
 
 class Collector:
@@ -218,6 +111,9 @@ class Collector:
         self.messages: List[Dict[str, Any]] = []
         self.requests: List[RequestRecord] = []
         self._counts: Dict[str, int] = collections.Counter()
+        self._active = 0
+        #: Most requests ever being answered at the same time (a client's concurrency).
+        self.peak_concurrency = 0
         self._server = _QuietServer(("127.0.0.1", port), _make_handler(self))
         self._server.daemon_threads = True
         self._thread: Optional[threading.Thread] = None
@@ -327,6 +223,7 @@ class Collector:
                 "duplicates": sum(n - 1 for n in self._counts.values()),
                 "requests": len(self.requests),
                 "statuses": dict(statuses),
+                "peak_concurrency": self.peak_concurrency,
                 "types": dict(collections.Counter(m["type"] for m in self.messages)),
             }
 
@@ -336,6 +233,7 @@ class Collector:
             self.requests.clear()
             self._counts.clear()
             self._faults.clear()
+            self.peak_concurrency = 0
 
     # -- request handling --------------------------------------------------------------
 
@@ -370,12 +268,12 @@ class Collector:
         except orjson.JSONDecodeError:
             raise _Reject(400, "invalid_json", "body is not JSON") from None
         try:
-            _require(isinstance(payload, dict), "body is not an object")
+            require(isinstance(payload, dict), "body is not an object")
             batch = payload.get("batch")
-            _require(isinstance(batch, list) and bool(batch), "batch must be a non-empty array")
+            require(isinstance(batch, list) and bool(batch), "batch must be a non-empty array")
             if not self.strict:
                 return batch  # type: ignore[no-any-return]
-            _check_time(payload.get("sentAt"), "sentAt")
+            check_time(payload.get("sentAt"), "sentAt")
             for msg in batch:
                 validate_message(msg)
                 size = len(orjson.dumps(msg))
@@ -423,6 +321,16 @@ def _make_handler(collector: Collector) -> type:
             self.wfile.write(body)
 
         def do_POST(self) -> None:
+            with collector._cond:
+                collector._active += 1
+                collector.peak_concurrency = max(collector.peak_concurrency, collector._active)
+            try:
+                self._post()
+            finally:
+                with collector._cond:
+                    collector._active -= 1
+
+        def _post(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length)
             # Absolute-form targets ("POST http://host/v1/batch") arrive when a client

@@ -57,7 +57,7 @@ def test_forked_workers_flooding_past_the_host_limit_while_the_endpoint_is_down(
 ) -> None:
     limit, workers, per_worker = 300, 4, 200
     collector.fail_next(10**6, status=503)  # the endpoint is down: nothing may leave the ring
-    client = _shared(collector, max_queue_size=limit, retry_budget=0.5)
+    client = _shared(collector, max_queue_size=limit)
     client.track("master", "warm-up", message_id="warm-up")
     # The uploader is running and failing before the flood starts, so the flood meets
     # an uploader that is holding and backing off, not one that has not started yet.
@@ -188,7 +188,7 @@ def test_stale_files_after_kill_9_of_everything_recover(runtime_dir: str, collec
     collector.fail_next(10**6, status=503)
     script = f"""
         import sys, cdpmp
-        c = cdpmp.Client({collector.write_key!r}, endpoint={collector.url!r}, mode="shared", retry_budget=0.2)
+        c = cdpmp.Client({collector.write_key!r}, endpoint={collector.url!r}, mode="shared")
         for i in range(100):
             assert c.track("u", "E", message_id=f"s{{i}}")[0]
         c.flush(timeout=1.0)  # let the uploader start and fail

@@ -8,15 +8,19 @@ Election: holding ``uploader.lock`` (filelock, an flock the kernel releases when
 holder dies) for its whole life *is* being the uploader; a second one exits at once.
 
 Loop, every ``POLL`` seconds (a timer: producers never wake it, since a wake-up costs
-every put 11–14 µs): heartbeat; read a window of records from ``head``; group them by
-source into batches of at most ``upload_size`` and 500 KB; send when a batch is full,
-the oldest waiting record is ``upload_interval`` old, or we are draining. A batch that
-is acknowledged or definitively rejected (non-retryable 4xx → dead-letter file, 0600)
-is done; ``head`` advances over the done prefix only, so records leave the ring only
-when done. Which answers are final is decided by :mod:`cdpmp._outcome`, as in every
-mode. Retryable failures past the retry budget keep their records and back off:
-nothing is dropped while the endpoint is down; the host limit makes producers answer
-``(False, msg)`` instead.
+every put 11–14 µs) or when a request finishes: heartbeat; read a window of records
+from ``head``; group them by source into batches of at most ``upload_size`` and
+500 KB; start a batch when it is full, its oldest record has waited
+``upload_interval``, or we are draining — as many at once as the source's lane
+allows (:mod:`cdpmp._engine`: up to ``max_in_flight`` while a backlog lasts, one
+probe at a time while the endpoint fails). Requests run on sender threads; only this
+loop touches the ring. A batch that is acknowledged or definitively rejected (a final
+answer → dead-letter file, 0600) is done; ``head`` advances over the done prefix only,
+so records leave the ring only when done and a crash resends at most what was in
+flight. Retryable failures keep their records (nothing is dropped while an endpoint
+is down, unless the source set ``max_retries``/``retry_budget``; the host limit makes
+producers answer ``(False, msg)`` instead). A source whose endpoint fails does not
+delay the others: its lane backs off alone, and the scan reads past its backlog.
 
 Stop: SIGTERM/SIGINT → drain within ``CDP_UPLOADER_DRAIN_TIMEOUT`` seconds (default 20,
 below gunicorn's and Kubernetes' 30 s grace), then exit; what is left stays in the
@@ -29,19 +33,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import queue
 import signal
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Set
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import filelock
 import psutil
 
+from .._engine import PROBE_POLICY, Held, Lane, Outcome, Workers, deliver
 from .._options import Settings, from_source_entry, host_settings
 from .._outcome import internal_error
 from .._retry import RetryPolicy
-from .._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES, Transport, send_splitting
+from .._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES, Attempt, Transport
 from ..errors import CdpmpError, DeliveryError
 from .files import UPLOADER_LOCK, append_dead_letter, path, read_sources, runtime_dir
 from .ring import Record, Ring
@@ -51,12 +57,14 @@ logger = logging.getLogger("cdpmp.uploader")
 POLL = 0.05  # seconds between ring polls
 WINDOW_RECORDS = 5000
 WINDOW_BYTES = 4 << 20
+SCAN_WINDOWS = 4  # windows read past a failing source's backlog, per pass
+MAX_SENDERS = 64  # sender threads, all sources together (each lane has its own cap)
 _ROOM = MAX_BATCH_BYTES - ENVELOPE_BYTES
 
 
 class Uploader:
-    """One uploader's state: its sources and transports, and the records of the current
-    window already done but not yet released (after a partial failure)."""
+    """One uploader's state: its sources (settings, transport and lane each), the
+    records in flight, and those done but not yet released (behind one in flight)."""
 
     def __init__(self, directory: str, auto: bool = False) -> None:
         host = host_settings()
@@ -68,8 +76,13 @@ class Uploader:
         self.stop = threading.Event()
         self._sources: Dict[int, Settings] = {}
         self._transports: Dict[int, Transport] = {}
+        self._lanes: Dict[int, Lane] = {}
+        self._seen: Dict[int, float] = {}  # source -> when its oldest waiting record was first seen
         self._acked: Set[int] = set()  # starts of records done but not yet released
-        self._first_seen: Optional[float] = None
+        self._flying: Set[int] = set()  # starts of records whose request is in progress
+        self._tries: Dict[int, Tuple[int, float]] = {}  # start -> (retries, first failure)
+        self._done: queue.SimpleQueue[Tuple[int, Held, Outcome]] = queue.SimpleQueue()
+        self._workers = Workers(MAX_SENDERS, "cdpmp-upload")
         self._backoff_until = 0.0
         self._failures = 0
         self._idle_since = time.monotonic()
@@ -88,6 +101,7 @@ class Uploader:
                 continue
             self._sources[sid] = settings
             self._transports[sid] = Transport(settings)
+            self._lanes[sid] = Lane(settings.max_in_flight)
 
     def run(self) -> int:
         lock = filelock.FileLock(path(self.directory, UPLOADER_LOCK), mode=0o600)
@@ -113,22 +127,34 @@ class Uploader:
             if not self._safe_cycle(draining=False):
                 if self._should_idle_exit():
                     break
-                self.stop.wait(POLL)
+                self._pause(POLL)
         self._drain()
         self.ring.set_uploader(0, 0.0)
         return 0
 
+    def _pause(self, seconds: float) -> None:
+        """Wait for a finished request (handled at once) or ``seconds``."""
+        if not self._flying:
+            self.stop.wait(seconds)
+            return
+        try:
+            self._settle(*self._done.get(timeout=seconds))
+        except queue.Empty:
+            pass
+
     def _drain(self) -> None:
         deadline = time.monotonic() + self.drain_timeout
-        self.stop.clear()  # retries may sleep again, bounded by the deadline
+        self.stop.clear()
         self._backoff_until = 0.0
         while time.monotonic() < deadline:
             self.ring.heartbeat()
             head, tail, _ = self.ring.bounds()
-            if head == tail:
+            if head == tail and not self._flying:
                 return
             if not self._safe_cycle(draining=True, deadline=deadline):
-                time.sleep(POLL)
+                self._pause(min(POLL, max(0.0, deadline - time.monotonic())))
+        for transport in self._transports.values():
+            transport.cancel()  # requests still running: their records stay in the ring
         logger.warning(
             "cdpmp uploader: drain deadline passed; %d record(s) stay in the ring", self.ring.bounds()[2]
         )
@@ -155,109 +181,150 @@ class Uploader:
             return False
 
     def _cycle(self, draining: bool, deadline: Optional[float] = None) -> bool:
-        """Send what is due; True if something was sent or released."""
+        """Settle finished requests, start what is due and allowed, release the done
+        prefix; True if anything happened."""
+        progressed = False
+        while True:
+            try:
+                self._settle(*self._done.get_nowait())
+            except queue.Empty:
+                break
+            progressed = True
         now = time.monotonic()
         if now < self._backoff_until and not draining:
-            return False
+            return progressed
         head, tail, count = self.ring.bounds()
         if head == tail:
-            self._first_seen = None
-            return False
-        if self._first_seen is None:
-            self._first_seen = now
-        if not draining and not self._due(count, tail - head, now):
+            return progressed
+        if not (draining or progressed or self._due(count, tail - head, now)):
             return False  # decided from the header alone: no parsing while we wait
+        window = self._scan(head)
+        started = self._dispatch(window, draining, deadline, now)
+        self._release(head, window)
+        return progressed or started
+
+    def _sendable(self, sid: int, now: float) -> bool:
+        lane = self._lanes.get(sid)
+        return lane is None or lane.slots(now) > 0
+
+    def _due(self, count: int, used: int, now: float) -> bool:
+        if not self._sources:
+            self._load_sources()
+        if not self._sources:
+            return True  # records of unknown sources: let the cycle count and free them
+        if not any(self._sendable(sid, now) for sid in self._sources):
+            return False  # every lane is backed off or full
+        sources = self._sources.values()
+        if count - len(self._flying) >= min(s.upload_size for s in sources) or used >= _ROOM:
+            return True
+        oldest = min(self._seen.values(), default=now)
+        return not self._seen or now - oldest >= min(s.upload_interval for s in sources)
+
+    def _scan(self, head: int) -> List[Record]:
+        """Records from ``head``: one window, more while a window holds nothing any
+        source may send now (a failing source's backlog must not hide the others')."""
         window = self.ring.read(head, WINDOW_RECORDS, WINDOW_BYTES)
+        now = time.monotonic()
+        for _ in range(SCAN_WINDOWS - 1):
+            if len(window) < WINDOW_RECORDS or any(
+                r.start not in self._flying and r.start not in self._acked and self._sendable(r.source, now)
+                for r in window[-WINDOW_RECORDS:]
+            ):
+                break
+            window += self.ring.read(window[-1].end, WINDOW_RECORDS, WINDOW_BYTES)
         if any(r.payload and r.source not in self._sources for r in window):
             self._load_sources()
-        pending = []
+        return window
+
+    def _dispatch(self, window: List[Record], draining: bool, deadline: Optional[float], now: float) -> bool:
+        """Start the batches each source's lane allows; free records that need no request."""
+        pending: Dict[int, List[Record]] = {}
         for rec in window:
-            if rec.start in self._acked:
+            if rec.start in self._acked or rec.start in self._flying:
                 continue
             if not rec.payload or rec.source not in self._sources:
                 if rec.payload:
                     self.ring.bump("unknown_source")
                 self._acked.add(rec.start)  # nothing to send: free it with the rest
             else:
-                pending.append(rec)
-        done: List[Record] = []
-        failed = False
-        for sid, batch in self._batches(pending):
-            if not self._send(sid, batch, deadline, done):
-                failed = True
-                break
-        if not failed:
-            # The common case: every record of the window is done (sent now, or acked in
-            # an earlier pass over this same window start); free it without bookkeeping.
-            self._acked.clear()
-            self.ring.release(window[-1].end, sum(1 for r in window if r.payload))
-        else:
-            self._acked.update(r.start for r in done)
-            self._release(head, window)
-        self._first_seen = time.monotonic() if self.ring.bounds()[2] else None
-        return True
+                pending.setdefault(rec.source, []).append(rec)
+        for sid in list(self._seen):
+            if sid not in pending:
+                del self._seen[sid]
+        started = 0
+        for sid, records in pending.items():
+            settings, lane = self._sources[sid], self._lanes[sid]
+            seen = self._seen.setdefault(sid, now)
+            due = draining or now - seen >= settings.upload_interval
+            sent = 0
+            for batch in _cut(records, settings.upload_size):
+                if lane.slots(now) <= 0 or not (due or len(batch) >= settings.upload_size):
+                    break
+                self._start(sid, batch, deadline)
+                sent += len(batch)
+            if sent:
+                started += 1
+                # What is left arrived after what was sent: its wait starts now.
+                self._seen[sid] = now
+                if sent == len(records):
+                    del self._seen[sid]
+        return started > 0
 
-    def _due(self, count: int, used: int, now: float) -> bool:
-        if not self._sources:
-            self._load_sources()
-        sources = self._sources.values()
-        if not sources:
-            return True  # records of unknown sources: let _cycle count and free them
-        if count >= min(s.upload_size for s in sources) or used >= _ROOM:
-            return True
-        assert self._first_seen is not None
-        return now - self._first_seen >= min(s.upload_interval for s in sources)
+    def _start(self, sid: int, batch: List[Record], deadline: Optional[float]) -> None:
+        lane, transport = self._lanes[sid], self._transports[sid]
+        retries, first = self._tries.get(batch[0].start, (0, 0.0))
+        job = Held(batch, retries, first)
+        lane.started()
+        self._flying.update(r.start for r in batch)
 
-    def _batches(self, records: List[Record]) -> List[tuple[int, List[Record]]]:
-        """Cut records (all of known sources) into per-source batches, in ring order."""
-        state: Dict[int, List[Any]] = {}  # source -> [open batch, its bytes, upload_size]
-        out: List[tuple[int, List[Record]]] = []
-        for rec in records:
-            st = state.get(rec.source)
-            if st is None:
-                st = state[rec.source] = [[], 0, self._sources[rec.source].upload_size]
-            size = len(rec.payload) + 1
-            batch = st[0]
-            if batch and (len(batch) >= st[2] or st[1] + size > _ROOM):
-                out.append((rec.source, batch))
-                batch = st[0] = []
-                st[1] = 0
-            batch.append(rec)
-            st[1] += size
-        out.extend((sid, st[0]) for sid, st in state.items() if st[0])
-        out.sort(key=lambda item: item[1][0].start)
-        return out
+        def run() -> None:
+            try:
+                outcome = deliver(transport, _payloads, batch, deadline)
+            except Exception as exc:  # noqa: BLE001 - settled as an internal error, never lost
+                outcome = [(batch, Attempt(internal_error("the uploader", exc), 0, 0))]
+            self._done.put((sid, job, outcome))
 
-    def _send(self, sid: int, batch: List[Record], deadline: Optional[float], done: List[Record]) -> bool:
-        """Send one batch, split when the endpoint refuses its content; records that
-        are done (sent or dead-lettered) are appended to ``done``. False when a
-        retryable failure stopped it: the rest stays in the ring."""
-        transport = self._transports[sid]
-        parts = send_splitting(
-            lambda recs: transport.send([r.payload for r in recs], self.stop, deadline), batch
-        )
-        for part, attempt in parts:
+        if not self._workers.submit(run):
+            run()
+
+    def _settle(self, sid: int, job: Held, outcome: Outcome) -> None:
+        """Account for one finished request; its records become done, or stay in the
+        ring for a later probe (retryable failure)."""
+        lane, settings = self._lanes[sid], self._sources[sid]
+        self._flying.difference_update(r.start for r in job.items)
+        retry: Optional[Attempt] = None
+        for part, attempt in outcome:
             self.ring.bump("requests", attempt.requests)
-            if attempt.retries:
-                self.ring.bump("retries", attempt.retries)
             error = attempt.error
             if error is None:
                 self.ring.bump("sent", len(part))
                 self.ring.bump("batches")
-                self._failures = 0
+                self._done_with(part)
             elif error.final:
                 self._dead_letter(sid, part, error)
             else:
-                self.ring.set_error(str(error))
-                self._failures += 1
-                pause = RetryPolicy(backoff_base=0.5, backoff_cap=5.0).delay(self._failures)
-                self._backoff_until = time.monotonic() + pause
-                logger.warning(
-                    "cdpmp uploader: %s; keeping %d record(s), retrying in %.1fs", error, len(part), pause
-                )
-                return False
-            done.extend(part)
-        return True
+                retry = attempt
+                held = Held(part, job.retries + 1, job.first_failed or time.monotonic())
+                if held.exhausted(settings, PROBE_POLICY.delay(held.retries, attempt.retry_after)):
+                    self._dead_letter(sid, part, error)
+                else:
+                    for rec in part:
+                        self._tries[rec.start] = (held.retries, held.first_failed)
+        if job.retries:
+            self.ring.bump("retries")
+        if retry is not None and retry.error is not None:
+            pause = lane.failed(str(retry.error), retry.retry_after)
+            self.ring.set_error(str(retry.error))
+            logger.warning("cdpmp uploader: %s; keeping the batch, next probe in %.1fs", retry.error, pause)
+        elif any(a.error is None for _, a in outcome):
+            lane.succeeded(backlog=self.ring.peek()[2] - len(self._flying) >= settings.upload_size)
+        else:
+            lane.finished()
+
+    def _done_with(self, records: List[Record]) -> None:
+        for rec in records:
+            self._acked.add(rec.start)
+            self._tries.pop(rec.start, None)
 
     def _release(self, head: int, window: List[Record]) -> None:
         """Advance head over the done prefix of ``window`` (records in ring order)."""
@@ -276,9 +343,29 @@ class Uploader:
         self.ring.bump("dead_lettered", len(batch))
         self.ring.set_error(str(error))
         logger.warning(
-            "cdpmp uploader: batch of %d rejected (%s); written to dead-letter.jsonl", len(batch), error
+            "cdpmp uploader: batch of %d given up (%s); written to dead-letter.jsonl", len(batch), error
         )
         append_dead_letter(self.directory, sid, str(error), [r.payload for r in batch])
+        self._done_with(batch)
+
+
+def _payloads(records: List[Record]) -> List[bytes]:
+    return [r.payload for r in records]
+
+
+def _cut(records: List[Record], upload_size: int) -> Iterator[List[Record]]:
+    """Batches of at most ``upload_size`` records and 500 KB, in ring order."""
+    batch: List[Record] = []
+    size = 0
+    for rec in records:
+        item = len(rec.payload) + 1
+        if batch and (len(batch) >= upload_size or size + item > _ROOM):
+            yield batch
+            batch, size = [], 0
+        batch.append(rec)
+        size += item
+    if batch:
+        yield batch
 
 
 def _producer_alive(pid: int, create_time: float) -> bool:
