@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--parts call,load,scaling]``: the whole benchmark.
+"""``python -m benchmarks [--quick] [--parts call,load,scaling,network]``: the whole benchmark.
 
 Installs its comparison targets (customerio-cdp-analytics, segment-analytics-python)
 and matplotlib if missing, runs the parts, and writes ``benchmarks/results/<date>.json``,
@@ -37,7 +37,9 @@ def install_targets() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small run (under a minute)")
-    parser.add_argument("--parts", default="call,load,scaling", help="comma-separated: call,load,scaling")
+    parser.add_argument(
+        "--parts", default="call,load,scaling,network", help="comma-separated: call,load,scaling,network"
+    )
     parser.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--top", type=Path, default=ROOT, help="where BENCHMARKS.md is written")
     parser.add_argument("--reading", type=Path, help="a Markdown file with the reading of this run")
@@ -69,6 +71,11 @@ def main() -> int:
 
         progress("part 3: scaling")
         results["scaling"] = scaling.run(quick=args.quick)
+    if "network" in parts:
+        from benchmarks import network
+
+        progress("part 4: behind a real network (round trips, outage)")
+        results["network"] = network.run(quick=args.quick)
     if args.reading:
         results["reading"] = args.reading.read_text()
     target = write(results, args.output_dir, args.top)

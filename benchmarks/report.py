@@ -82,6 +82,40 @@ def targets(results: Dict[str, Any]) -> List[Tuple[str, str, bool]]:
                 min(ratios) == 1.0,
             )
         )
+    out += _network_targets(results.get("network"))
+    return out
+
+
+def _network_targets(network: Optional[Dict[str, Any]]) -> List[Tuple[str, str, bool]]:
+    if not network:
+        return []
+    out: List[Tuple[str, str, bool]] = []
+    shared = [r for r in network["throughput"] if r["client"] == "cdpmp-shared"]
+    if shared:
+        eps = shared[0]["sustained_eps"]
+        out.append(
+            ("100 ms round trip: shared sustains ≥ 8,000 events/s host-wide", f"{eps:.0f}/s", eps >= 8000)
+        )
+    for row in network["sweep"]:
+        if row["rtt_ms"] == 100 and row["client"].startswith("cdpmp"):
+            p99 = row["ack_p99_ms"] or 0.0
+            out.append(
+                (
+                    f"100 ms round trip, {row['client']}: p99 track→ack ≤ upload_interval + 3 round trips (800 ms)",
+                    f"{p99:.0f} ms",
+                    p99 <= 800,
+                )
+            )
+    lost = [r for r in network["outage"] if r["client"].startswith("cdpmp")]
+    if lost:
+        worst = min(r["delivered_ratio"] for r in lost)
+        out.append(
+            (
+                f"{lost[0]['outage_s']:.0f} s outage: nothing lost, direct and shared",
+                f"min {worst:.4f}",
+                worst == 1.0,
+            )
+        )
     return out
 
 
@@ -174,6 +208,26 @@ def charts(results: Dict[str, Any], directory: Path, stem: str) -> List[str]:
         right.legend()
         fig.tight_layout()
         path = directory / f"{stem}-scaling.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        made.append(path.name)
+    network = results.get("network")
+    if network:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+        for client in ("official", "cdpmp-direct", "cdpmp-shared"):
+            rows = [r for r in network["sweep"] if r["client"] == client]
+            rtts = [r["rtt_ms"] for r in rows]
+            left.plot(rtts, [r["ack_p99_ms"] or 0 for r in rows], marker="o", label=client)
+            right.plot(rtts, [r["cpu_ms_per_1000"] or 0 for r in rows], marker="o", label=client)
+        left.set_xlabel("round trip (ms)")
+        left.set_ylabel("p99 track() → acknowledgement (ms)")
+        left.set_title("Time to acknowledgement")
+        left.legend(fontsize=7)
+        right.set_xlabel("round trip (ms)")
+        right.set_ylabel("CPU ms per 1000 delivered events")
+        right.set_title("CPU (workers + uploader)")
+        fig.tight_layout()
+        path = directory / f"{stem}-network.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         made.append(path.name)
@@ -278,12 +332,52 @@ def markdown(results: Dict[str, Any], chart_files: List[str], chart_dir: str) ->
             lines.append(
                 f"| {r['size_kb']} | {r['official']:.1f} | {r['cdpmp-direct']:.1f} | {r['cdpmp-shared']:.1f} |"
             )
+    lines += _network_section(results.get("network"))
     if chart_files:
         lines += ["", "## Charts", ""] + [f"![{name}]({chart_dir}/{name})" for name in chart_files]
     reading = results.get("reading")
     if reading:
         lines += ["", "## Reading", "", reading]
     return "\n".join(lines) + "\n"
+
+
+def _network_section(network: Optional[Dict[str, Any]]) -> List[str]:
+    if not network:
+        return []
+    lines = [
+        "",
+        "## 4. Behind a real network",
+        "",
+        "The collector answers each request after a fixed round trip; worker processes track at a fixed "
+        "rate, then flush. Sustained = unique events delivered ÷ (first track() → last acknowledgement). "
+        "Ack times: track() to the moment the acknowledging answer left the collector.",
+        "",
+        "| scenario | client | RTT ms | offered ev/s | delivered ÷ tracked | dup | sustained ev/s | "
+        "ack p50 ms | ack p99 ms | HTTP requests | peak in flight | CPU ms / 1000 ev |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    groups = (
+        ("round trip", network["sweep"]),
+        ("throughput", network["throughput"]),
+        ("outage", network["outage"]),
+    )
+    for name, rows in groups:
+        for r in rows:
+            label = f"outage {r['outage_s']:.0f} s" if name == "outage" else name
+            lines.append(
+                f"| {label} | {r['client']} | {r['rtt_ms']} | {r['offered_eps']:.0f} | {r['delivered_ratio']:.4f} | "
+                f"{r['duplicates']} | {r['sustained_eps']:.0f} | {_fmt(r['ack_p50_ms'], '.0f')} | "
+                f"{_fmt(r['ack_p99_ms'], '.0f')} | {r['http_requests']} | {r['peak_concurrency']} | "
+                f"{_fmt(r['cpu_ms_per_1000'], '.0f')} |"
+            )
+    idle = network.get("idle")
+    if idle:
+        lines += [
+            "",
+            f"Idle host, shared mode (one live producer, nothing to send, {idle['seconds']:.0f} s): uploader "
+            f"{idle['uploader_cpu_pct']:.2f} % of a core, {idle['requests_per_min']:.1f} HTTP requests per minute.",
+        ]
+    return lines
 
 
 def write(results: Dict[str, Any], output: Path, top: Path) -> Path:

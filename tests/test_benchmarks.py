@@ -43,6 +43,15 @@ def test_quick_benchmark_writes_results_charts_and_report(tmp_path: Path) -> Non
         "cost.png",
         "load.png",
         "scaling.png",
+        "network.png",
     }
+    network = data["network"]
+    assert {r["client"] for r in network["sweep"]} == {"official", "cdpmp-direct", "cdpmp-shared"}
+    assert all(
+        r["delivered_ratio"] == 1.0 and r["duplicates"] == 0
+        for r in network["sweep"] + network["outage"]
+        if r["client"].startswith("cdpmp")
+    )
+    assert "## 4. Behind a real network" in (tmp_path / "BENCHMARKS.md").read_text()
     report = (tmp_path / "BENCHMARKS.md").read_text()
     assert "## Targets" in report and "python -m benchmarks --quick" in report

@@ -32,13 +32,14 @@ and no registered producer process is alive for ``CDP_UPLOADER_IDLE_EXIT`` secon
 from __future__ import annotations
 
 import argparse
+import collections
 import logging
 import queue
 import signal
 import sys
 import threading
 import time
-from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 import filelock
 import psutil
@@ -57,7 +58,7 @@ logger = logging.getLogger("cdpmp.uploader")
 POLL = 0.05  # seconds between ring polls
 WINDOW_RECORDS = 5000
 WINDOW_BYTES = 4 << 20
-SCAN_WINDOWS = 4  # windows read past a failing source's backlog, per pass
+MAX_RECORDS_READ = 200_000  # records held in memory at most (the host limit is lower)
 MAX_SENDERS = 64  # sender threads, all sources together (each lane has its own cap)
 _ROOM = MAX_BATCH_BYTES - ENVELOPE_BYTES
 
@@ -77,7 +78,13 @@ class Uploader:
         self._sources: Dict[int, Settings] = {}
         self._transports: Dict[int, Transport] = {}
         self._lanes: Dict[int, Lane] = {}
-        self._seen: Dict[int, float] = {}  # source -> when its oldest waiting record was first seen
+        # Every record between head and ``_cursor`` has been parsed once, into ``_window``
+        # (ring order, for releasing the done prefix) and, until it is started, into its
+        # source's ``_pending`` queue; the ring is never re-parsed while records wait.
+        self._cursor = -1
+        self._window: Deque[Record] = collections.deque()
+        self._pending: Dict[int, Deque[Record]] = {}
+        self._seen: Dict[int, float] = {}  # source -> when its oldest pending record was read
         self._acked: Set[int] = set()  # starts of records done but not yet released
         self._flying: Set[int] = set()  # starts of records whose request is in progress
         self._tries: Dict[int, Tuple[int, float]] = {}  # start -> (retries, first failure)
@@ -86,6 +93,7 @@ class Uploader:
         self._backoff_until = 0.0
         self._failures = 0
         self._idle_since = time.monotonic()
+        self._next_idle_check = 0.0
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -162,7 +170,11 @@ class Uploader:
     def _should_idle_exit(self) -> bool:
         if self.idle_exit is None:
             return False
-        head, tail, _ = self.ring.bounds()
+        now = time.monotonic()
+        if now < self._next_idle_check:  # producer liveness costs psutil calls: once a second
+            return False
+        self._next_idle_check = now + 1.0
+        head, tail, _ = self.ring.peek()
         if head != tail or any(_producer_alive(pid, ctime) for pid, ctime in self.ring.producers()):
             self._idle_since = time.monotonic()
             return False
@@ -181,8 +193,8 @@ class Uploader:
             return False
 
     def _cycle(self, draining: bool, deadline: Optional[float] = None) -> bool:
-        """Settle finished requests, start what is due and allowed, release the done
-        prefix; True if anything happened."""
+        """Settle finished requests, read new records, start what is due and allowed,
+        release the done prefix; True if anything happened."""
         progressed = False
         while True:
             try:
@@ -193,82 +205,62 @@ class Uploader:
         now = time.monotonic()
         if now < self._backoff_until and not draining:
             return progressed
-        head, tail, count = self.ring.bounds()
-        if head == tail:
+        head, tail, _ = self.ring.peek()  # lock-free: the idle poll costs no syscall
+        if tail == self._cursor and not self._window:  # everything read is released
             return progressed
-        if not (draining or progressed or self._due(count, tail - head, now)):
-            return False  # decided from the header alone: no parsing while we wait
-        window = self._scan(head)
-        started = self._dispatch(window, draining, deadline, now)
-        self._release(head, window)
-        return progressed or started
+        head, tail, _ = self.ring.bounds()
+        if self._cursor < head:  # first pass (or the ring was reset under us): start over
+            self._forget(head)
+        if tail > self._cursor and len(self._window) < MAX_RECORDS_READ:
+            progressed = self._read(tail) or progressed
+        started = self._dispatch(draining, deadline, now)
+        return self._release(head) or started or progressed
 
-    def _sendable(self, sid: int, now: float) -> bool:
-        lane = self._lanes.get(sid)
-        return lane is None or lane.slots(now) > 0
+    def _forget(self, head: int) -> None:
+        self._cursor = head
+        self._window.clear()
+        self._pending.clear()
+        self._seen.clear()
+        self._acked.clear()
+        self._tries.clear()
 
-    def _due(self, count: int, used: int, now: float) -> bool:
-        if not self._sources:
+    def _read(self, tail: int) -> bool:
+        records = self.ring.read(self._cursor, WINDOW_RECORDS, WINDOW_BYTES)
+        if not records:
+            return False
+        if any(r.payload and r.source not in self._sources for r in records):
             self._load_sources()
-        if not self._sources:
-            return True  # records of unknown sources: let the cycle count and free them
-        if not any(self._sendable(sid, now) for sid in self._sources):
-            return False  # every lane is backed off or full
-        sources = self._sources.values()
-        if count - len(self._flying) >= min(s.upload_size for s in sources) or used >= _ROOM:
-            return True
-        oldest = min(self._seen.values(), default=now)
-        return not self._seen or now - oldest >= min(s.upload_interval for s in sources)
-
-    def _scan(self, head: int) -> List[Record]:
-        """Records from ``head``: one window, more while a window holds nothing any
-        source may send now (a failing source's backlog must not hide the others')."""
-        window = self.ring.read(head, WINDOW_RECORDS, WINDOW_BYTES)
         now = time.monotonic()
-        for _ in range(SCAN_WINDOWS - 1):
-            if len(window) < WINDOW_RECORDS or any(
-                r.start not in self._flying and r.start not in self._acked and self._sendable(r.source, now)
-                for r in window[-WINDOW_RECORDS:]
-            ):
-                break
-            window += self.ring.read(window[-1].end, WINDOW_RECORDS, WINDOW_BYTES)
-        if any(r.payload and r.source not in self._sources for r in window):
-            self._load_sources()
-        return window
-
-    def _dispatch(self, window: List[Record], draining: bool, deadline: Optional[float], now: float) -> bool:
-        """Start the batches each source's lane allows; free records that need no request."""
-        pending: Dict[int, List[Record]] = {}
-        for rec in window:
-            if rec.start in self._acked or rec.start in self._flying:
-                continue
+        for rec in records:
+            self._window.append(rec)
             if not rec.payload or rec.source not in self._sources:
                 if rec.payload:
                     self.ring.bump("unknown_source")
                 self._acked.add(rec.start)  # nothing to send: free it with the rest
-            else:
-                pending.setdefault(rec.source, []).append(rec)
-        for sid in list(self._seen):
-            if sid not in pending:
-                del self._seen[sid]
-        started = 0
-        for sid, records in pending.items():
+                continue
+            pending = self._pending.setdefault(rec.source, collections.deque())
+            if not pending:
+                self._seen[rec.source] = now
+            pending.append(rec)
+        self._cursor = records[-1].end
+        return True
+
+    def _dispatch(self, draining: bool, deadline: Optional[float], now: float) -> bool:
+        """Start the batches each source's lane allows (a failing source backs off
+        alone: the others' records are read and sent past its backlog)."""
+        started = False
+        for sid, pending in self._pending.items():
             settings, lane = self._sources[sid], self._lanes[sid]
-            seen = self._seen.setdefault(sid, now)
-            due = draining or now - seen >= settings.upload_interval
-            sent = 0
-            for batch in _cut(records, settings.upload_size):
-                if lane.slots(now) <= 0 or not (due or len(batch) >= settings.upload_size):
+            due = draining or now - self._seen.get(sid, now) >= settings.upload_interval
+            while pending and lane.slots(now) > 0:
+                batch = _take(pending, settings.upload_size)
+                if len(batch) < settings.upload_size and not pending and not due:
+                    pending.extendleft(reversed(batch))  # not full, not due: let it fill
                     break
                 self._start(sid, batch, deadline)
-                sent += len(batch)
-            if sent:
-                started += 1
-                # What is left arrived after what was sent: its wait starts now.
-                self._seen[sid] = now
-                if sent == len(records):
-                    del self._seen[sid]
-        return started > 0
+                started = True
+                self._seen[sid] = now  # what is left arrived after what was sent
+        return started
 
     def _start(self, sid: int, batch: List[Record], deadline: Optional[float]) -> None:
         lane, transport = self._lanes[sid], self._transports[sid]
@@ -310,6 +302,7 @@ class Uploader:
                 else:
                     for rec in part:
                         self._tries[rec.start] = (held.retries, held.first_failed)
+                    self._pending[sid].extendleft(reversed(part))  # first in line for the probe
         if job.retries:
             self.ring.bump("retries")
         if retry is not None and retry.error is not None:
@@ -317,7 +310,7 @@ class Uploader:
             self.ring.set_error(str(retry.error))
             logger.warning("cdpmp uploader: %s; keeping the batch, next probe in %.1fs", retry.error, pause)
         elif any(a.error is None for _, a in outcome):
-            lane.succeeded(backlog=self.ring.peek()[2] - len(self._flying) >= settings.upload_size)
+            lane.succeeded(backlog=len(self._pending.get(sid, ())) >= settings.upload_size)
         else:
             lane.finished()
 
@@ -326,17 +319,19 @@ class Uploader:
             self._acked.add(rec.start)
             self._tries.pop(rec.start, None)
 
-    def _release(self, head: int, window: List[Record]) -> None:
-        """Advance head over the done prefix of ``window`` (records in ring order)."""
+    def _release(self, head: int) -> bool:
+        """Advance head over the done prefix of the records read (in ring order)."""
+        window, acked = self._window, self._acked
         new_head, released = head, 0
-        for rec in window:
-            if rec.start not in self._acked:
-                break
-            self._acked.discard(rec.start)
+        while window and window[0].start in acked:
+            rec = window.popleft()
+            acked.discard(rec.start)
             new_head = rec.end
             released += 1 if rec.payload else 0
-        if new_head != head:
-            self.ring.release(new_head, released)
+        if new_head == head:
+            return False
+        self.ring.release(new_head, released)
+        return True
 
     def _dead_letter(self, sid: int, batch: List[Record], error: DeliveryError) -> None:
         self.ring.bump("failed", len(batch))
@@ -353,19 +348,17 @@ def _payloads(records: List[Record]) -> List[bytes]:
     return [r.payload for r in records]
 
 
-def _cut(records: List[Record], upload_size: int) -> Iterator[List[Record]]:
-    """Batches of at most ``upload_size`` records and 500 KB, in ring order."""
+def _take(pending: Deque[Record], upload_size: int) -> List[Record]:
+    """The next batch: at most ``upload_size`` records and 500 KB, in ring order."""
     batch: List[Record] = []
     size = 0
-    for rec in records:
-        item = len(rec.payload) + 1
-        if batch and (len(batch) >= upload_size or size + item > _ROOM):
-            yield batch
-            batch, size = [], 0
-        batch.append(rec)
+    while pending and len(batch) < upload_size:
+        item = len(pending[0].payload) + 1
+        if batch and size + item > _ROOM:
+            break
+        batch.append(pending.popleft())
         size += item
-    if batch:
-        yield batch
+    return batch
 
 
 def _producer_alive(pid: int, create_time: float) -> bool:
