@@ -369,8 +369,8 @@ class DirectSink:
         finally:
             self._lock.release()
         self._wake.set()
-        if not drained and self.transport.cancel():
-            # Requests cut at the deadline come back as failures within moments.
+        if not drained and self._flying:
+            self.transport.cancel()  # requests in progress end at their next socket call
             self._await(lambda: not self._flying, time.monotonic() + 0.5)
         with self._lock:
             leftover = list(self._queue)

@@ -9,8 +9,8 @@ gracefully: closing only releases the child's copy of the descriptor.
 The body is assembled from already-serialised messages, so each message is encoded
 exactly once in its life. Durations are seconds.
 
-Deadlines are total: :mod:`cdpmp._deadline` cuts a request that overruns its overall
-deadline (connect, send and the whole response). Response bodies are read up to :data:`MAX_RESPONSE_BYTES`; a longer one is
+Deadlines are total: :mod:`cdpmp._deadline` bounds every socket call of a request by
+the time left before its overall deadline (connect, send and the whole response). Response bodies are read up to :data:`MAX_RESPONSE_BYTES`; a longer one is
 cut and its connection dropped, never kept in memory.
 """
 
@@ -40,7 +40,7 @@ try:  # imported here, never lazily: a child forked mid-import would deadlock on
 except ImportError:  # pragma: no cover - certifi is optional
     certifi = None  # type: ignore[assignment]
 
-from ._deadline import WATCHDOG, RequestDeadline, watched_pools
+from ._deadline import RequestDeadline, cancel, deadline_pools, expired, request_deadline
 from ._message import now_iso
 from ._options import Settings
 from ._outcome import classify_exception, classify_status, internal_error
@@ -128,7 +128,7 @@ class Transport:
                 pool: urllib3.PoolManager = urllib3.ProxyManager(self._proxy, **kwargs)
             else:
                 pool = urllib3.PoolManager(**kwargs)
-            pool.pool_classes_by_scheme = watched_pools()
+            pool.pool_classes_by_scheme = deadline_pools()
             self._local_pool = pool
             self._pid = pid
         return self._local_pool
@@ -140,37 +140,36 @@ class Transport:
             self._local_pool = None
             pool.clear()
 
-    def cancel(self) -> int:
-        """Cut this transport's requests in flight (a deadline that has passed)."""
-        return WATCHDOG.cancel(self)
+    def cancel(self) -> None:
+        """End this transport's requests in progress (a deadline that has passed)."""
+        cancel(self)
 
     def _post_once(self, body: bytes, deadline: float) -> _Response:
         """One POST that ends by ``deadline`` whatever the endpoint does."""
         pool = self._pool()
         timeout = max(0.001, deadline - time.monotonic())
-        WATCHDOG.begin(deadline, self)
-        try:
-            response = pool.request(
-                "POST",
-                self.settings.batch_url,
-                body=body,
-                headers=self._headers,
-                timeout=urllib3.Timeout(connect=timeout, read=timeout),
-                redirect=False,
-                preload_content=False,
-            )
-            content = b""
+        with request_deadline(deadline, self):
             try:
-                content = response.read(MAX_RESPONSE_BYTES + 1, decode_content=False)
-            finally:
-                if len(content) > MAX_RESPONSE_BYTES:
-                    response.close()  # the rest is never read: drop the connection
-                response.release_conn()
-        except Exception as exc:
-            if WATCHDOG.end():
-                raise RequestDeadline(f"no complete answer within {timeout:.3g}s") from exc
-            raise
-        WATCHDOG.end()
+                response = pool.request(
+                    "POST",
+                    self.settings.batch_url,
+                    body=body,
+                    headers=self._headers,
+                    timeout=urllib3.Timeout(connect=timeout, read=timeout),
+                    redirect=False,
+                    preload_content=False,
+                )
+                content = b""
+                try:
+                    content = response.read(MAX_RESPONSE_BYTES + 1, decode_content=False)
+                finally:
+                    if len(content) > MAX_RESPONSE_BYTES:
+                        response.close()  # the rest is never read: drop the connection
+                    response.release_conn()
+            except Exception as exc:
+                if expired():
+                    raise RequestDeadline(f"no complete answer within {timeout:.3g}s") from exc
+                raise
         return _Response(response.status, response.headers, content[:MAX_RESPONSE_BYTES])
 
     def post(self, messages: List[bytes], deadline: Optional[float] = None) -> Attempt:
@@ -244,7 +243,11 @@ class Transport:
 
 
 def _ca_bundle() -> Optional[str]:
-    """certifi's bundle when installed (what requests used), else the system store."""
+    """``SSL_CERT_FILE`` when set (OpenSSL's own variable: a corporate or test CA),
+    else certifi's bundle when installed (what requests used), else the system store."""
+    chosen = os.environ.get("SSL_CERT_FILE")
+    if chosen:
+        return chosen
     return None if certifi is None else str(certifi.where())
 
 

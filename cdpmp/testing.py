@@ -26,6 +26,7 @@ import dataclasses
 import gzip
 import random
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -98,10 +99,13 @@ class Collector:
         on_message: Optional[Callable[[Dict[str, Any]], None]] = None,
         strict: bool = True,
         conditions: Optional[Conditions] = None,
+        tls: Optional[ssl.SSLContext] = None,
     ) -> None:
         """``strict=False`` skips the per-message schema and size checks (auth, gzip, the
         request limit and JSON are still checked): for benchmarks, where the collector
-        shares the CPU with the clients it measures while a real endpoint would not."""
+        shares the CPU with the clients it measures while a real endpoint would not.
+        ``tls``: a server-side context; the collector then speaks HTTPS (as the real
+        endpoint does), the handshake made in each connection's own thread."""
         self.write_key = write_key
         self.strict = strict
         self._authorization = expected_authorization(write_key)
@@ -116,6 +120,12 @@ class Collector:
         self.peak_concurrency = 0
         self._server = _QuietServer(("127.0.0.1", port), _make_handler(self))
         self._server.daemon_threads = True
+        self.scheme = "http"
+        if tls is not None:
+            self.scheme = "https"
+            self._server.socket = tls.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False
+            )
         self._thread: Optional[threading.Thread] = None
         self.set_conditions(conditions or Conditions())
 
@@ -127,7 +137,7 @@ class Collector:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def start(self) -> Collector:
         self._thread = threading.Thread(
@@ -290,7 +300,7 @@ class _QuietServer(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         import sys
 
-        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError, ssl.SSLError)):
             super().handle_error(request, client_address)
 
 

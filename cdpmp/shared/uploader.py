@@ -209,7 +209,7 @@ class Uploader:
         if tail == self._cursor and not self._window:  # everything read is released
             return progressed
         head, tail, _ = self.ring.bounds()
-        if self._cursor < head:  # first pass (or the ring was reset under us): start over
+        if not head <= self._cursor <= tail:  # first pass, or the ring was reset under us
             self._forget(head)
         if tail > self._cursor and len(self._window) < MAX_RECORDS_READ:
             progressed = self._read(tail) or progressed
