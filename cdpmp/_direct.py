@@ -1,6 +1,4 @@
-"""Direct mode: ``DirectSink``, the default delivery mode (a :class:`cdpmp._sink.Sink`).
-
-``DirectSink`` is the engine behind the default mode: a bounded in-process queue and
+"""Direct mode, the default (a :class:`cdpmp._sink.Sink`): a bounded in-process queue and
 ONE daemon consumer thread, started on the first ``put`` in a process (never at import
 or construction, so a pre-fork master that never tracks stays thread-free). All its
 state is stamped with the pid that built it; ``put``/``flush`` compare the stamp
@@ -16,10 +14,9 @@ Delivery goes through the engine (:mod:`cdpmp._engine`): one request at a time, 
 by the consumer itself, until a backlog grows the lane; then sender threads carry up
 to ``max_in_flight`` requests (an async worker can produce thousands of events per
 second, more than one request per round trip carries). A batch the endpoint answers
-with a retryable error is HELD (kept at the front, counted against
-``max_queue_size``) and probed with backoff until the endpoint takes it; it is given
-up only at a final answer, the exit deadline, or a user-set ``max_retries`` /
-``retry_budget``.
+with a retryable error is HELD (kept at the front, counted against ``max_queue_size``)
+and probed with backoff until the endpoint takes it; it is given up only at a final
+answer, the exit deadline, or a user-set ``max_retries`` / ``retry_budget``.
 """
 
 from __future__ import annotations
@@ -69,7 +66,8 @@ class DirectSink:
         self._in_flight = 0
         self._lane = Lane(self._settings.max_in_flight)
         self._workers: Optional[Workers] = None
-        self._first_at = 0.0
+        self._first_at = 0.0  # when the oldest queued message arrived (about)
+        self._leftover = False  # the queue holds the rest of a batch just taken
         self._urgent = False
         self._stopping = False
         self._retiring = False  # replaced: a consumer started now exits once idle
@@ -111,6 +109,7 @@ class DirectSink:
                 self._ledger.queued += 1
                 if n == 0:
                     self._first_at = time.monotonic()
+                    self._leftover = False
                 due = n + 1 >= settings.upload_size or self._queued_bytes >= _BATCH_ROOM
                 wake = n == 0 or due
                 if self._thread is None:
@@ -206,6 +205,9 @@ class DirectSink:
             len(self._queue) >= settings.upload_size
             or self._queued_bytes >= _BATCH_ROOM
             or now - self._first_at >= settings.upload_interval
+            # The rest of a batch just taken goes at once when nothing is in flight; while
+            # requests are, it waits to fill or for its interval (no extra small requests).
+            or (self._leftover and self._lane.in_flight == 0)
         )
 
     def _next_wake_locked(self, now: float) -> float:
@@ -231,8 +233,9 @@ class DirectSink:
             batch.append(queue.popleft())
             size += item_size
         self._queued_bytes -= size
+        self._leftover = bool(queue)
         if queue:
-            self._first_at = time.monotonic() - self._settings.upload_interval
+            self._first_at = time.monotonic()
         return batch
 
     def _run_job(self, job: Held, deadline: Optional[float]) -> None:

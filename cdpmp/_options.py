@@ -104,7 +104,7 @@ class Settings:
     max_queue_size: int = option(
         10000,
         env="CDP_MAX_QUEUE_SIZE",
-        doc="events held per process (direct) or per host (shared)",
+        doc="events held per process (direct), or per source on the host (shared)",
         minimum=1,
         positional=3,
     )

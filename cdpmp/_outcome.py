@@ -104,10 +104,12 @@ class HostStats(TypedDict):
     spawns: int
     corrupt: int
     unknown_source: int
+    dead_letter_overflow: int
     depth: int
     bytes_used: int
     capacity: int
     max_count: int
+    sources: List[Dict[str, Any]]  # per source: id (hex), depth, limit (its max_queue_size)
     uploader_pid: Optional[int]
     heartbeat_age: Optional[float]
     last_error: Optional[str]

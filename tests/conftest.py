@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional
 
@@ -56,6 +57,16 @@ def _reset_facade() -> Iterator[None]:
     analytics._built_from.clear()
 
 
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``predicate`` every 50 ms until it holds or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
 def uploader_processes(directory: str) -> List[Any]:
     """Live uploader processes (not launchers) serving ``directory``."""
     import psutil
@@ -89,7 +100,7 @@ def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     for proc in alive:
         proc.kill()
     log = Path(path, "uploader.log")
-    text = log.read_text(errors="replace") if log.exists() else ""
+    text = log.read_text(errors="replace") if log.is_file() else ""  # never a FIFO a test left
     shutil.rmtree(path, ignore_errors=True)
     assert INTERNAL_MARK not in text, text[-3000:]
 

@@ -344,3 +344,36 @@ def test_lane_honours_retry_after() -> None:
     lane.started()
     assert lane.failed("429", retry_after=3.0) == 3.0
     assert lane.slots(time.monotonic()) == 0 and 2.5 < lane.wait(time.monotonic()) <= 3.0
+
+
+def test_the_uploader_heartbeats_while_a_slow_request_is_in_flight(runtime_dir: str) -> None:
+    from tests.conftest import uploader_processes
+
+    # Each answer takes 6 s, longer than producers wait (5 s) before they judge an
+    # uploader without a heartbeat dead and start another.
+    with Collector(conditions=Conditions(latency=6.0)) as collector:
+        client = cdpmp.Client(
+            collector.write_key, endpoint=collector.url, mode="shared", upload_interval=0.05
+        )
+        try:
+            assert client.track("u", "E", message_id="first")[0]
+            deadline = time.monotonic() + 20
+            while not collector.requests:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            ages = []
+            for i in range(14):  # 7 s of tracking while that request is in flight
+                assert client.track("u", "E", message_id=f"m{i}")[0]
+                host = client.stats()["host"]
+                assert host is not None
+                ages.append(host["heartbeat_age"] or 0.0)
+                time.sleep(0.5)
+            assert max(ages) < 2.0, ages
+            host = client.stats()["host"]
+            assert host is not None and host["spawns"] == 1
+            assert len(uploader_processes(runtime_dir)) == 1
+            assert client.flush(timeout=60)
+            assert collector.unique_ids() == {"first"} | {f"m{i}" for i in range(14)}
+            assert collector.duplicates() == {}
+        finally:
+            client.shutdown(timeout=5)

@@ -16,14 +16,14 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict, List
 
 import pytest
 
 import cdpmp
 from cdpmp.shared.ring import Ring
 from cdpmp.testing import Collector, Fault
-from tests.conftest import uploader_processes
+from tests.conftest import uploader_processes, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,15 +43,6 @@ def _run(script: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 def test_forked_workers_flooding_past_the_host_limit_while_the_endpoint_is_down(
     runtime_dir: str, collector: Collector
 ) -> None:
@@ -61,7 +52,7 @@ def test_forked_workers_flooding_past_the_host_limit_while_the_endpoint_is_down(
     client.track("master", "warm-up", message_id="warm-up")
     # The uploader is running and failing before the flood starts, so the flood meets
     # an uploader that is holding and backing off, not one that has not started yet.
-    assert _wait(lambda: len(collector.requests) >= 2, timeout=30), "the uploader never tried to send"
+    assert wait_until(lambda: len(collector.requests) >= 2, timeout=30), "the uploader never tried to send"
     results = Path(runtime_dir).parent / f"{Path(runtime_dir).name}-results"
     results.mkdir()
     pids = []
@@ -89,7 +80,9 @@ def test_forked_workers_flooding_past_the_host_limit_while_the_endpoint_is_down(
     # Keep the endpoint down while the uploader retries several more times: it must
     # hold every record (no dead letter, no failure) and keep probing.
     probes = len(collector.requests)
-    assert _wait(lambda: len(collector.requests) >= probes + 3, timeout=30), "the uploader stopped probing"
+    assert wait_until(lambda: len(collector.requests) >= probes + 3, timeout=30), (
+        "the uploader stopped probing"
+    )
     host = client.stats()["host"]
     assert host is not None
     assert host["depth"] == limit and host["accepted"] == limit
@@ -140,7 +133,7 @@ def test_uploader_sigkilled_mid_batch_is_replaced_and_nothing_is_lost(
     (first,) = uploader_processes(runtime_dir)
     collector.script([Fault(delay=3.0)])  # accepted, then answered late: the uploader is mid-batch
     ids += [client.track("u", "E", {"i": i})[1]["messageId"] for i in range(250)]
-    assert _wait(lambda: len(collector.requests) >= 2, 10)
+    assert wait_until(lambda: len(collector.requests) >= 2, 10)
     first.kill()
     first.wait(10)
     assert client.flush(timeout=30)  # a producer notices and starts a new uploader
@@ -160,7 +153,7 @@ def test_two_uploaders_racing_elect_exactly_one(runtime_dir: str, collector: Col
         subprocess.Popen([sys.executable, "-m", "cdpmp.shared.uploader", "--dir", runtime_dir])
         for _ in range(3)
     ]
-    assert _wait(lambda: sum(p.poll() is not None for p in procs) >= 2, timeout=30)
+    assert wait_until(lambda: sum(p.poll() is not None for p in procs) >= 2, timeout=30)
     time.sleep(0.5)  # the winner must still be serving, not merely slower to exit
     codes = [p.poll() for p in procs]
     assert codes.count(None) == 1 and codes.count(0) == 2  # the losers exit cleanly

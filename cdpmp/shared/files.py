@@ -14,6 +14,7 @@ or followed): shared mode then degrades to direct mode with one warning.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import stat
@@ -51,9 +52,13 @@ def candidates() -> List[str]:
 
 
 def ensure_dir(path: str) -> str:
-    """Create ``path`` 0700 if missing; verify owner and mode either way."""
+    """Create ``path`` 0700 if missing; verify owner and mode either way. The mode of
+    a directory we did not create is never changed (``CDP_RUNTIME_DIR=/dev/shm`` run as
+    root must not make the real one private): a wrong mode is refused instead."""
+    created = False
     try:
         os.mkdir(path, 0o700)
+        created = True
     except FileExistsError:
         pass
     info = os.lstat(path)
@@ -62,7 +67,9 @@ def ensure_dir(path: str) -> str:
     if info.st_uid != os.getuid():
         raise RuntimeDirError(f"{path} is owned by uid {info.st_uid}, not {os.getuid()}")
     if stat.S_IMODE(info.st_mode) != 0o700:
-        os.chmod(path, 0o700)
+        if not created:
+            raise RuntimeDirError(f"{path} has mode {stat.S_IMODE(info.st_mode):o}; shared mode needs 700")
+        os.chmod(path, 0o700)  # mkdir's mode was narrowed by the umask: ours, so fix it
     return path
 
 
@@ -78,9 +85,14 @@ def runtime_dir() -> str:
 
 
 def open_private(path: str, flags: int = os.O_RDWR | os.O_CREAT) -> int:
-    """Open (creating 0600) a file we own; refuse symlinks and foreign owners."""
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    """Open (creating 0600) a regular file we own; refuse symlinks, FIFOs, devices and
+    foreign owners. ``O_NONBLOCK``: opening a FIFO put in a file's place must not hang
+    (it has no effect on a regular file)."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600)
     info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise RuntimeDirError(f"{path} is not a regular file")
     if info.st_uid != os.getuid():
         os.close(fd)
         raise RuntimeDirError(f"{path} is owned by uid {info.st_uid}, not {os.getuid()}")
@@ -123,14 +135,35 @@ def write_source(directory: str, sid: int, entry: Dict[str, Any]) -> None:
         write_private(os.path.join(directory, SOURCES), json.dumps(sources).encode())
 
 
-def append_dead_letter(directory: str, source: int, error: str, batch: List[bytes]) -> None:
-    """Append one refused batch (its messages as JSON) to the dead-letter file."""
-    line = {"time": time.time(), "source": source, "error": error, "batch": [json.loads(m) for m in batch]}
+#: Bytes the dead-letter file may reach; what would pass it is counted, not written.
+DEAD_LETTER_LIMIT = 8 << 20
+
+
+def append_dead_letter(directory: str, source: int, error: str, batch: List[bytes]) -> bool:
+    """Append one refused batch to the dead-letter file: each message as JSON, or as
+    ``{"raw": base64}`` when it is not JSON (damaged bytes). False, writing nothing,
+    when the line would take the file past :data:`DEAD_LETTER_LIMIT` or its file
+    system below twice the line's size: the caller counts the overflow."""
+    line = {"time": time.time(), "source": source, "error": error, "batch": [_entry(m) for m in batch]}
+    data = json.dumps(line).encode() + b"\n"
     fd = open_private(os.path.join(directory, DEAD_LETTERS), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     try:
-        os.write(fd, json.dumps(line).encode() + b"\n")
+        vfs = os.fstatvfs(fd)
+        if os.fstat(fd).st_size + len(data) > DEAD_LETTER_LIMIT or vfs.f_bavail * vfs.f_frsize < 2 * len(
+            data
+        ):
+            return False
+        os.write(fd, data)
+        return True
     finally:
         os.close(fd)
+
+
+def _entry(message: bytes) -> Any:
+    try:
+        return json.loads(message)
+    except ValueError:
+        return {"raw": base64.b64encode(message).decode()}
 
 
 def open_log(directory: str) -> int:

@@ -30,7 +30,8 @@ import psutil
 
 from .._options import ENV
 from .files import open_log, runtime_dir
-from .ring import Ring, pid_alive
+from .header import pid_alive
+from .ring import Ring
 
 STALE_AFTER = 5.0  # seconds without a heartbeat before an uploader counts as dead
 SPAWN_EVERY = 2.0  # seconds between spawn attempts, host-wide

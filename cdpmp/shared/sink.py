@@ -27,8 +27,9 @@ from .._options import Settings, host_settings, source_entry
 from .._outcome import HostStats, Ledger
 from ..errors import ConfigurationError, DeliveryError, MessageRejected
 from . import lifecycle
-from .files import RuntimeDirError, runtime_dir, write_source
-from .ring import Ring, RingFormatError
+from .files import RuntimeDirError, read_sources, runtime_dir, write_source
+from .layout import RingFormatError
+from .ring import Ring
 
 logger = logging.getLogger("cdpmp")
 
@@ -85,10 +86,13 @@ class SharedSink:
     def put(self, data: bytes) -> Optional[DeliveryError]:
         ring = self._ring if self._pid == os.getpid() and self._ring is not None else self._here()
         refusal: Optional[DeliveryError] = None
-        if ring.put(self._source, data):
+        limit = self._settings.max_queue_size
+        if ring.put(self._source, data, limit):
             self._ledger.queued += 1
         else:
-            refusal = MessageRejected("queue_full", f"the host holds {ring.max_count} messages")
+            refusal = MessageRejected(
+                "queue_full", f"the host holds this source's limit of {limit} messages, or is full"
+            )
         now = time.monotonic()
         if now >= self._next_check:
             self._next_check = now + CHECK_EVERY
@@ -96,6 +100,11 @@ class SharedSink:
         return refusal
 
     def _check_uploader(self, ring: Ring) -> None:
+        if ring.replaced():
+            ring = self._carry_over(ring)
+        elif str(self._source) not in read_sources(self._dir):  # sources.json was removed
+            with ring.locked():
+                write_source(self._dir, self._source, source_entry(self._settings))
         if not self._registered:
             self._registered = True
             ring.register_producer(os.getpid(), _create_time(os.getpid()))
@@ -104,10 +113,40 @@ class SharedSink:
         except OSError as exc:
             self._ledger.log.warning("spawn", "cdpmp: cannot start the uploader: %s", exc)
 
+    def _carry_over(self, old: Ring) -> Ring:
+        """The ring file was deleted or replaced under us: open (or create) the one now
+        at the path and move into it everything the old mapping still holds, so that
+        what ``track()`` accepted is not lost. Every record is moved once, by the
+        first process that notices (``take_all`` empties the old ring under its lock).
+        The new ring is opened before anything is taken: if it cannot be, the old one
+        keeps its records (and this process keeps using it)."""
+        try:
+            ring, directory = open_ring(self._settings)
+        except (RuntimeDirError, RingFormatError, OSError) as exc:
+            self._ledger.log.warning("replaced", "cdpmp: the shared-mode ring was removed: %s", exc)
+            return old
+        records = old.take_all()
+        lost = [r.payload for r in records if not ring.put(r.source, r.payload, 1 << 62)]
+        old.close()
+        self._ring, self._dir = ring, directory
+        with ring.locked():
+            write_source(directory, self._source, source_entry(self._settings))
+        self._registered = False
+        self._ledger.log.warning(
+            "replaced",
+            "cdpmp: the shared-mode ring was removed or replaced; %d event(s) carried into the new one",
+            len(records) - len(lost),
+        )
+        if lost:
+            self._ledger.lost(MessageRejected("queue_full", "the new ring had no room for them"), list(lost))
+        return ring
+
     def flush(self, timeout: float) -> bool:
         """Wait until everything in the ring when called has been acknowledged. Takes
         no lock to wait (safe from a signal handler); the deadline covers all of it."""
         ring = self._here()
+        if ring.replaced():
+            ring = self._carry_over(ring)
         deadline = time.monotonic() + timeout
         _, target, _ = ring.peek()
         next_check = 0.0

@@ -7,8 +7,9 @@ producer that finds none (:mod:`.lifecycle`; ``--auto``: it also exits when idle
 Election: holding ``uploader.lock`` (filelock, an flock the kernel releases when the
 holder dies) for its whole life *is* being the uploader; a second one exits at once.
 
-Loop, every ``POLL`` seconds (a timer: producers never wake it, since a wake-up costs
-every put 11–14 µs) or when a request finishes: heartbeat; read a window of records
+Loop, every ``POLL`` seconds while there is work, slowing to ``IDLE_POLL`` when idle
+(a timer: producers never wake it, since a wake-up costs every put 11–14 µs), or when
+a request finishes: heartbeat; read a window of records
 from ``head``; group them by source into batches of at most ``upload_size`` and
 500 KB; start a batch when it is full, its oldest record has waited
 ``upload_interval``, or we are draining — as many at once as the source's lane
@@ -32,123 +33,131 @@ and no registered producer process is alive for ``CDP_UPLOADER_IDLE_EXIT`` secon
 from __future__ import annotations
 
 import argparse
-import collections
 import logging
-import queue
+import os
 import signal
+import stat
 import sys
-import threading
 import time
-from typing import Deque, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Optional, Sequence
 
 import filelock
 import psutil
 
-from .._engine import PROBE_POLICY, Held, Lane, Outcome, Workers, deliver
-from .._options import Settings, from_source_entry, host_settings
-from .._outcome import internal_error
-from .._retry import RetryPolicy
-from .._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES, Attempt, Transport
-from ..errors import CdpmpError, DeliveryError
-from .files import UPLOADER_LOCK, append_dead_letter, path, read_sources, runtime_dir
-from .ring import Record, Ring
+from .._options import host_settings
+from .dispatch import POLL, Dispatch
+from .files import UPLOADER_LOCK, ensure_dir, open_private, path, runtime_dir
+from .ring import Ring
 
 logger = logging.getLogger("cdpmp.uploader")
 
-POLL = 0.05  # seconds between ring polls
-WINDOW_RECORDS = 5000
-WINDOW_BYTES = 4 << 20
-MAX_RECORDS_READ = 200_000  # records held in memory at most (the host limit is lower)
-MAX_SENDERS = 64  # sender threads, all sources together (each lane has its own cap)
-_ROOM = MAX_BATCH_BYTES - ENVELOPE_BYTES
+IDLE_POLL = 0.25  # the slowest poll, reached after ~1 s without work
 
 
-class Uploader:
-    """One uploader's state: its sources (settings, transport and lane each), the
-    records in flight, and those done but not yet released (behind one in flight)."""
+class Uploader(Dispatch):
+    """The uploader process: election, serving, draining, idle exit, replaced files;
+    the delivery loop itself is :class:`Dispatch`."""
 
     def __init__(self, directory: str, auto: bool = False) -> None:
+        super().__init__(directory)
         host = host_settings()
-        self.directory = directory
         self.drain_timeout = host.uploader_drain_timeout
         # Only an auto-started uploader leaves when idle; one run by systemd or as a
         # sidecar runs until it is stopped.
         self.idle_exit: Optional[float] = host.uploader_idle_exit if auto else None
-        self.stop = threading.Event()
-        self._sources: Dict[int, Settings] = {}
-        self._transports: Dict[int, Transport] = {}
-        self._lanes: Dict[int, Lane] = {}
-        # Every record between head and ``_cursor`` has been parsed once, into ``_window``
-        # (ring order, for releasing the done prefix) and, until it is started, into its
-        # source's ``_pending`` queue; the ring is never re-parsed while records wait.
-        self._cursor = -1
-        self._window: Deque[Record] = collections.deque()
-        self._pending: Dict[int, Deque[Record]] = {}
-        self._seen: Dict[int, float] = {}  # source -> when its oldest pending record was read
-        self._acked: Set[int] = set()  # starts of records done but not yet released
-        self._flying: Set[int] = set()  # starts of records whose request is in progress
-        self._tries: Dict[int, Tuple[int, float]] = {}  # start -> (retries, first failure)
-        self._done: queue.SimpleQueue[Tuple[int, Held, Outcome]] = queue.SimpleQueue()
-        self._workers = Workers(MAX_SENDERS, "cdpmp-upload")
-        self._backoff_until = 0.0
-        self._failures = 0
         self._idle_since = time.monotonic()
         self._next_idle_check = 0.0
 
     # -- setup ---------------------------------------------------------------------------
 
-    def _load_sources(self) -> None:
-        for key, entry in read_sources(self.directory).items():
-            sid = int(key)
-            if sid in self._sources:
-                continue
-            try:
-                settings = from_source_entry(entry)
-            except (CdpmpError, TypeError, ValueError):
-                logger.warning("cdpmp uploader: ignoring an invalid source entry %s", key)
-                continue
-            self._sources[sid] = settings
-            self._transports[sid] = Transport(settings)
-            self._lanes[sid] = Lane(settings.max_in_flight)
-
     def run(self) -> int:
-        lock = filelock.FileLock(path(self.directory, UPLOADER_LOCK), mode=0o600)
-        try:
-            lock.acquire(timeout=0)
-        except filelock.Timeout:
-            return 0  # another uploader holds the election
-        try:
-            return self._serve()
-        finally:
-            lock.release()
+        lock_path = path(self.directory, UPLOADER_LOCK)
+        # filelock opens with O_TRUNC and follows links: check the file is a regular
+        # one of ours first (a symlink put there would have its target truncated).
+        os.close(open_private(lock_path))
+        lock = filelock.FileLock(lock_path, mode=0o600)
+        while True:
+            try:
+                lock.acquire(timeout=0)
+            except filelock.Timeout:
+                return 0  # another uploader holds the election
+            try:
+                replaced = self._serve()
+            finally:
+                lock.release()
+            if not replaced:
+                return 0
+            os.close(open_private(lock_path))  # serve the new files, if elected again
 
-    def _serve(self) -> int:
+    def _serve(self) -> bool:
+        """Serve until stopped or idle (False), or until the ring file is removed or
+        replaced (True: what it held was carried into the new one)."""
         self.ring = Ring(self.directory)
+        self._forget(self.ring.bounds()[0])
         self.ring.recount()
         me = psutil.Process()
         self.ring.set_uploader(me.pid, me.create_time())
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
         logger.info("cdpmp uploader %d serving %s", me.pid, self.directory)
+        poll, next_files_check = POLL, 0.0
         while not self.stop.is_set():
             self.ring.heartbeat()
-            if not self._safe_cycle(draining=False):
-                if self._should_idle_exit():
-                    break
-                self._pause(POLL)
+            if self._safe_cycle(draining=False) or self._flying or self._window:
+                poll = POLL
+            else:
+                if self._should_idle_exit() and self._leave():
+                    return False
+                # Idle: poll less and less often, up to IDLE_POLL (the heartbeat too).
+                poll = min(IDLE_POLL, poll * 1.5)
+            if time.monotonic() >= next_files_check:
+                next_files_check = time.monotonic() + 1.0
+                if self.ring.replaced() and self._carry_over():
+                    return True
+            self._pause(poll)
         self._drain()
         self.ring.set_uploader(0, 0.0)
-        return 0
+        return False
 
-    def _pause(self, seconds: float) -> None:
-        """Wait for a finished request (handled at once) or ``seconds``."""
-        if not self._flying:
-            self.stop.wait(seconds)
-            return
+    def _carry_over(self) -> bool:
+        """The ring file was removed or replaced: let the requests in flight finish,
+        then move every record not yet done into the ring now at the path (producers
+        that notice first do the same; ``take_all`` makes each record move once).
+        False, taking nothing, if no new ring can be opened yet."""
         try:
-            self._settle(*self._done.get(timeout=seconds))
-        except queue.Empty:
-            pass
+            ring = Ring(ensure_dir(self.directory))
+        except OSError as exc:
+            logger.warning("cdpmp uploader: the ring was removed and cannot be made again: %s", exc)
+            return False
+        deadline = time.monotonic() + self.drain_timeout
+        while self._flying and time.monotonic() < deadline:
+            self._pause(POLL)
+            self._release(self.ring.bounds()[0])
+        done = set(self._acked)
+        records = [r for r in self.ring.take_all() if r.start not in done]
+        old, self.ring = self.ring, ring
+        lost = sum(1 for r in records if not ring.put(r.source, r.payload, 1 << 62))
+        logger.warning(
+            "cdpmp uploader: the ring was removed or replaced; %d record(s) carried into the new one, %d lost",
+            len(records) - lost,
+            lost,
+        )
+        ring.bump("queue_full", lost)
+        old.close()
+        ring.close()  # served again after the election: a fresh handle, fresh state
+        return True
+
+    def _leave(self) -> bool:
+        """Idle exit: unpublish first, then look once more, so that an event put
+        while we were deciding is either seen here or by a producer that finds no
+        uploader and starts one. False (stay) if the ring is not empty."""
+        self.ring.set_uploader(0, 0.0)
+        head, tail, _ = self.ring.bounds()
+        if head == tail:
+            return True
+        me = psutil.Process()
+        self.ring.set_uploader(me.pid, me.create_time())
+        return False
 
     def _drain(self) -> None:
         deadline = time.monotonic() + self.drain_timeout
@@ -180,186 +189,6 @@ class Uploader:
             return False
         return time.monotonic() - self._idle_since >= self.idle_exit
 
-    # -- one pass ------------------------------------------------------------------------
-
-    def _safe_cycle(self, draining: bool, deadline: Optional[float] = None) -> bool:
-        """One pass; a bug in it is logged loudly and backed off, never a crash loop."""
-        try:
-            return self._cycle(draining, deadline)
-        except Exception as exc:  # noqa: BLE001 - logged as an internal error, then backed off
-            self.ring.set_error(str(internal_error("the uploader", exc)))
-            self._failures += 1
-            self._backoff_until = time.monotonic() + RetryPolicy(backoff_cap=5.0).delay(self._failures)
-            return False
-
-    def _cycle(self, draining: bool, deadline: Optional[float] = None) -> bool:
-        """Settle finished requests, read new records, start what is due and allowed,
-        release the done prefix; True if anything happened."""
-        progressed = False
-        while True:
-            try:
-                self._settle(*self._done.get_nowait())
-            except queue.Empty:
-                break
-            progressed = True
-        now = time.monotonic()
-        if now < self._backoff_until and not draining:
-            return progressed
-        head, tail, _ = self.ring.peek()  # lock-free: the idle poll costs no syscall
-        if tail == self._cursor and not self._window:  # everything read is released
-            return progressed
-        head, tail, _ = self.ring.bounds()
-        if not head <= self._cursor <= tail:  # first pass, or the ring was reset under us
-            self._forget(head)
-        if tail > self._cursor and len(self._window) < MAX_RECORDS_READ:
-            progressed = self._read(tail) or progressed
-        started = self._dispatch(draining, deadline, now)
-        return self._release(head) or started or progressed
-
-    def _forget(self, head: int) -> None:
-        self._cursor = head
-        self._window.clear()
-        self._pending.clear()
-        self._seen.clear()
-        self._acked.clear()
-        self._tries.clear()
-
-    def _read(self, tail: int) -> bool:
-        records = self.ring.read(self._cursor, WINDOW_RECORDS, WINDOW_BYTES)
-        if not records:
-            return False
-        if any(r.payload and r.source not in self._sources for r in records):
-            self._load_sources()
-        now = time.monotonic()
-        for rec in records:
-            self._window.append(rec)
-            if not rec.payload or rec.source not in self._sources:
-                if rec.payload:
-                    self.ring.bump("unknown_source")
-                self._acked.add(rec.start)  # nothing to send: free it with the rest
-                continue
-            pending = self._pending.setdefault(rec.source, collections.deque())
-            if not pending:
-                self._seen[rec.source] = now
-            pending.append(rec)
-        self._cursor = records[-1].end
-        return True
-
-    def _dispatch(self, draining: bool, deadline: Optional[float], now: float) -> bool:
-        """Start the batches each source's lane allows (a failing source backs off
-        alone: the others' records are read and sent past its backlog)."""
-        started = False
-        for sid, pending in self._pending.items():
-            settings, lane = self._sources[sid], self._lanes[sid]
-            due = draining or now - self._seen.get(sid, now) >= settings.upload_interval
-            while pending and lane.slots(now) > 0:
-                batch = _take(pending, settings.upload_size)
-                if len(batch) < settings.upload_size and not pending and not due:
-                    pending.extendleft(reversed(batch))  # not full, not due: let it fill
-                    break
-                self._start(sid, batch, deadline)
-                started = True
-                self._seen[sid] = now  # what is left arrived after what was sent
-        return started
-
-    def _start(self, sid: int, batch: List[Record], deadline: Optional[float]) -> None:
-        lane, transport = self._lanes[sid], self._transports[sid]
-        retries, first = self._tries.get(batch[0].start, (0, 0.0))
-        job = Held(batch, retries, first)
-        lane.started()
-        self._flying.update(r.start for r in batch)
-
-        def run() -> None:
-            try:
-                outcome = deliver(transport, _payloads, batch, deadline)
-            except Exception as exc:  # noqa: BLE001 - settled as an internal error, never lost
-                outcome = [(batch, Attempt(internal_error("the uploader", exc), 0, 0))]
-            self._done.put((sid, job, outcome))
-
-        if not self._workers.submit(run):
-            run()
-
-    def _settle(self, sid: int, job: Held, outcome: Outcome) -> None:
-        """Account for one finished request; its records become done, or stay in the
-        ring for a later probe (retryable failure)."""
-        lane, settings = self._lanes[sid], self._sources[sid]
-        self._flying.difference_update(r.start for r in job.items)
-        retry: Optional[Attempt] = None
-        for part, attempt in outcome:
-            self.ring.bump("requests", attempt.requests)
-            error = attempt.error
-            if error is None:
-                self.ring.bump("sent", len(part))
-                self.ring.bump("batches")
-                self._done_with(part)
-            elif error.final:
-                self._dead_letter(sid, part, error)
-            else:
-                retry = attempt
-                held = Held(part, job.retries + 1, job.first_failed or time.monotonic())
-                if held.exhausted(settings, PROBE_POLICY.delay(held.retries, attempt.retry_after)):
-                    self._dead_letter(sid, part, error)
-                else:
-                    for rec in part:
-                        self._tries[rec.start] = (held.retries, held.first_failed)
-                    self._pending[sid].extendleft(reversed(part))  # first in line for the probe
-        if job.retries:
-            self.ring.bump("retries")
-        if retry is not None and retry.error is not None:
-            pause = lane.failed(str(retry.error), retry.retry_after)
-            self.ring.set_error(str(retry.error))
-            logger.warning("cdpmp uploader: %s; keeping the batch, next probe in %.1fs", retry.error, pause)
-        elif any(a.error is None for _, a in outcome):
-            lane.succeeded(backlog=len(self._pending.get(sid, ())) >= settings.upload_size)
-        else:
-            lane.finished()
-
-    def _done_with(self, records: List[Record]) -> None:
-        for rec in records:
-            self._acked.add(rec.start)
-            self._tries.pop(rec.start, None)
-
-    def _release(self, head: int) -> bool:
-        """Advance head over the done prefix of the records read (in ring order)."""
-        window, acked = self._window, self._acked
-        new_head, released = head, 0
-        while window and window[0].start in acked:
-            rec = window.popleft()
-            acked.discard(rec.start)
-            new_head = rec.end
-            released += 1 if rec.payload else 0
-        if new_head == head:
-            return False
-        self.ring.release(new_head, released)
-        return True
-
-    def _dead_letter(self, sid: int, batch: List[Record], error: DeliveryError) -> None:
-        self.ring.bump("failed", len(batch))
-        self.ring.bump("dead_lettered", len(batch))
-        self.ring.set_error(str(error))
-        logger.warning(
-            "cdpmp uploader: batch of %d given up (%s); written to dead-letter.jsonl", len(batch), error
-        )
-        append_dead_letter(self.directory, sid, str(error), [r.payload for r in batch])
-        self._done_with(batch)
-
-
-def _payloads(records: List[Record]) -> List[bytes]:
-    return [r.payload for r in records]
-
-
-def _take(pending: Deque[Record], upload_size: int) -> List[Record]:
-    """The next batch: at most ``upload_size`` records and 500 KB, in ring order."""
-    batch: List[Record] = []
-    size = 0
-    while pending and len(batch) < upload_size:
-        item = len(pending[0].payload) + 1
-        if batch and size + item > _ROOM:
-            break
-        batch.append(pending.popleft())
-        size += item
-    return batch
-
 
 def _producer_alive(pid: int, create_time: float) -> bool:
     try:
@@ -379,8 +208,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     args = parser.parse_args(argv)
     directory = args.dir or runtime_dir()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    return Uploader(directory, auto=args.auto).run()
+    handler = _CappedStderr()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    try:
+        return Uploader(directory, auto=args.auto).run()
+    except OSError as exc:  # a runtime file we must not use (a symlink, a FIFO, not ours)
+        logger.error("cdpmp uploader: cannot serve %s: %s", directory, exc)
+        return 1
+
+
+#: Bytes ``uploader.log`` may reach; later lines are dropped (one notice says so).
+LOG_LIMIT = 1 << 20
+
+
+class _CappedStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Logs to stderr; when stderr is a file (``uploader.log`` of an auto-started
+    uploader, on the same small tmpfs as the ring), stops writing at :data:`LOG_LIMIT`."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+        self.suppressed = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            info = os.fstat(sys.stderr.fileno())
+        except (OSError, ValueError):
+            info = None
+        if info is not None and stat.S_ISREG(info.st_mode) and info.st_size >= LOG_LIMIT:
+            if not self.suppressed:
+                sys.stderr.write(f"cdpmp uploader: {LOG_LIMIT} bytes of log reached; further lines dropped\n")
+            self.suppressed += 1
+            return
+        super().emit(record)
 
 
 if __name__ == "__main__":

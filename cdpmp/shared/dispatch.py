@@ -1,0 +1,332 @@
+"""The uploader's delivery loop: ring records → per-source batches → requests.
+
+:class:`Dispatch` owns everything between the ring and the endpoint for one uploader
+(the process side — election, signals, draining, idle exit, replaced files — is
+:class:`cdpmp.shared.uploader.Uploader`, its subclass). Only the uploader's main
+thread calls these methods and touches the ring; requests run on sender threads
+(:class:`cdpmp._engine.Workers`) and come back through ``_done``.
+
+State, per pass: every record between ``head`` and ``_cursor`` has been parsed once,
+into ``_window`` (ring order, for releasing the done prefix) and, until it is started,
+into its source's ``_pending`` queue; the ring is never re-parsed while records wait.
+A record is then in flight (``_flying``), done (``_acked``: sent, dead-lettered or
+quarantined) or back in ``_pending`` after a retryable failure. ``head`` advances only
+over the done prefix, so a crash resends at most what was in flight. Records of a
+source missing from ``sources.json`` wait in ``_orphans`` for ``ORPHAN_GRACE``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import threading
+import time
+from typing import Deque, Dict, List, Optional, Set, Tuple
+
+from .._engine import PROBE_POLICY, Held, Lane, Outcome, Workers, deliver
+from .._options import Settings, from_source_entry
+from .._outcome import internal_error
+from .._retry import RetryPolicy
+from .._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES, Attempt, Transport
+from ..errors import CdpmpError, DeliveryError
+from .files import append_dead_letter, read_sources
+from .layout import CORRUPT, Record
+from .ring import Ring
+
+logger = logging.getLogger("cdpmp.uploader")
+
+POLL = 0.05  # seconds between ring polls while there is work
+ORPHAN_GRACE = 30.0  # seconds a record of a source missing from sources.json is held
+WINDOW_RECORDS = 5000
+WINDOW_BYTES = 4 << 20
+MAX_RECORDS_READ = 200_000  # records held in memory at most (the host limit is lower)
+MAX_SENDERS = 64  # sender threads, all sources together (each lane has its own cap)
+_ROOM = MAX_BATCH_BYTES - ENVELOPE_BYTES
+
+
+class Dispatch:
+    """One uploader's delivery state (see the module docstring)."""
+
+    ring: Ring
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.stop = threading.Event()
+        self._sources: Dict[int, Settings] = {}
+        self._transports: Dict[int, Transport] = {}
+        self._lanes: Dict[int, Lane] = {}
+        self._cursor = -1
+        self._window: Deque[Record] = collections.deque()
+        self._pending: Dict[int, Deque[Record]] = {}
+        self._orphans: Deque[Tuple[float, Record]] = collections.deque()  # (read at, record)
+        self._next_adoption = 0.0
+        self._seen: Dict[int, float] = {}  # source -> when its oldest pending record was read
+        self._acked: Set[int] = set()  # starts of records done but not yet released
+        self._flying: Set[int] = set()  # starts of records whose request is in progress
+        self._tries: Dict[int, Tuple[int, float]] = {}  # start -> (retries, first failure)
+        self._done: queue.SimpleQueue[Tuple[int, Held, Outcome]] = queue.SimpleQueue()
+        self._workers = Workers(MAX_SENDERS, "cdpmp-upload")
+        self._backoff_until = 0.0
+        self._failures = 0
+        self._recount = False
+        self._jobs: Set[Held] = set()  # requests in progress
+        self._stale: Set[int] = set()  # ids of those started before the last _forget
+
+    def _load_sources(self) -> None:
+        for key, entry in read_sources(self.directory).items():
+            sid = int(key)
+            if sid in self._sources:
+                continue
+            try:
+                settings = from_source_entry(entry)
+            except (CdpmpError, TypeError, ValueError):
+                logger.warning("cdpmp uploader: ignoring an invalid source entry %s", key)
+                continue
+            self._sources[sid] = settings
+            self._transports[sid] = Transport(settings)
+            self._lanes[sid] = Lane(settings.max_in_flight)
+
+    def _pause(self, seconds: float) -> None:
+        """Wait for a finished request (handled at once) or ``seconds``."""
+        if not self._flying:
+            self.stop.wait(seconds)
+            return
+        try:
+            self._settle(*self._done.get(timeout=seconds))
+        except queue.Empty:
+            pass
+
+    def _safe_cycle(self, draining: bool, deadline: Optional[float] = None) -> bool:
+        """One pass; a bug in it is logged loudly and backed off, never a crash loop."""
+        try:
+            return self._cycle(draining, deadline)
+        except Exception as exc:  # noqa: BLE001 - logged as an internal error, then backed off
+            self.ring.set_error(str(internal_error("the uploader", exc)))
+            self._failures += 1
+            self._backoff_until = time.monotonic() + RetryPolicy(backoff_cap=5.0).delay(self._failures)
+            return False
+
+    def _cycle(self, draining: bool, deadline: Optional[float] = None) -> bool:
+        """Settle finished requests, read new records, start what is due and allowed,
+        release the done prefix; True if anything happened."""
+        progressed = False
+        while True:
+            try:
+                self._settle(*self._done.get_nowait())
+            except queue.Empty:
+                break
+            progressed = True
+        now = time.monotonic()
+        if now < self._backoff_until and not draining:
+            return progressed
+        head, tail, _ = self.ring.peek()  # lock-free: the idle poll costs no syscall
+        if tail == self._cursor and not self._window:  # everything read is released
+            return progressed
+        head, tail, _ = self.ring.bounds()
+        if not head <= self._cursor <= tail:  # first pass, or the ring was reset under us
+            self._forget(head)
+        if tail > self._cursor and len(self._window) < MAX_RECORDS_READ:
+            progressed = self._read(tail) or progressed
+        if self._orphans and now >= self._next_adoption:
+            self._next_adoption = now + 1.0
+            self._adopt(now)
+        started = self._dispatch(draining, deadline, now)
+        return self._release(head) or started or progressed
+
+    def _adopt(self, now: float) -> None:
+        """Records of a source missing from ``sources.json`` (removed under us; its
+        producers write their entry again within a second of their next call) are
+        held for ``ORPHAN_GRACE`` seconds, then dead-lettered, counted."""
+        self._load_sources()
+        kept: Deque[Tuple[float, Record]] = collections.deque()
+        adopted: Dict[int, List[Record]] = {}
+        for seen, rec in self._orphans:
+            if rec.source in self._sources:
+                adopted.setdefault(rec.source, []).append(rec)
+            elif now - seen >= ORPHAN_GRACE:
+                self.ring.bump("unknown_source")
+                if not append_dead_letter(self.directory, rec.source, "unknown source", [rec.payload]):
+                    self.ring.bump("dead_letter_overflow")
+                self._acked.add(rec.start)
+            else:
+                kept.append((seen, rec))
+        self._orphans = kept
+        for sid, records in adopted.items():  # older than anything pending for them
+            self._pending.setdefault(sid, collections.deque()).extendleft(reversed(records))
+            self._seen[sid] = now
+
+    def _forget(self, head: int) -> None:
+        """Start over from ``head``: nothing read, nothing in flight. Requests still
+        running belong to the previous pass (``_stale``) and are ignored when they end."""
+        self._stale.update(id(job) for job in self._jobs)
+        self._flying.clear()
+        self._cursor = head
+        self._window.clear()
+        self._pending.clear()
+        self._orphans.clear()
+        self._seen.clear()
+        self._acked.clear()
+        self._tries.clear()
+
+    def _read(self, tail: int) -> bool:
+        records = self.ring.read(self._cursor, WINDOW_RECORDS, WINDOW_BYTES)
+        if not records:
+            return False
+        if any(r.payload and r.source not in self._sources and r.source != CORRUPT for r in records):
+            self._load_sources()
+        now = time.monotonic()
+        for rec in records:
+            self._window.append(rec)
+            if rec.source == CORRUPT:  # damaged bytes: quarantined, never sent
+                self._quarantine(rec)
+                continue
+            if not rec.payload:
+                self._acked.add(rec.start)  # nothing to send: free it with the rest
+                continue
+            if rec.source not in self._sources:  # its entry may come back: hold it a while
+                self._orphans.append((now, rec))
+                continue
+            pending = self._pending.setdefault(rec.source, collections.deque())
+            if not pending:
+                self._seen[rec.source] = now
+            pending.append(rec)
+        self._cursor = records[-1].end
+        return True
+
+    def _dispatch(self, draining: bool, deadline: Optional[float], now: float) -> bool:
+        """Start the batches each source's lane allows (a failing source backs off
+        alone: the others' records are read and sent past its backlog)."""
+        started = False
+        for sid, pending in self._pending.items():
+            settings, lane = self._sources[sid], self._lanes[sid]
+            due = draining or now - self._seen.get(sid, now) >= settings.upload_interval
+            while pending and lane.slots(now) > 0:
+                batch = _take(pending, settings.upload_size)
+                if len(batch) < settings.upload_size and not pending and not due:
+                    pending.extendleft(reversed(batch))  # not full, not due: let it fill
+                    break
+                self._start(sid, batch, deadline)
+                started = True
+                self._seen[sid] = now  # what is left arrived after what was sent
+        return started
+
+    def _start(self, sid: int, batch: List[Record], deadline: Optional[float]) -> None:
+        lane, transport = self._lanes[sid], self._transports[sid]
+        retries, first = self._tries.get(batch[0].start, (0, 0.0))
+        job = Held(batch, retries, first)
+        self._jobs.add(job)
+        lane.started()
+        self._flying.update(r.start for r in batch)
+
+        def run() -> None:
+            try:
+                outcome = deliver(transport, _payloads, batch, deadline)
+            except Exception as exc:  # noqa: BLE001 - settled as an internal error, never lost
+                outcome = [(batch, Attempt(internal_error("the uploader", exc), 0, 0))]
+            self._done.put((sid, job, outcome))
+
+        if not self._workers.submit(run):
+            run()
+
+    def _settle(self, sid: int, job: Held, outcome: Outcome) -> None:
+        """Account for one finished request; its records become done, or stay in the
+        ring for a later probe (retryable failure)."""
+        lane, settings = self._lanes[sid], self._sources[sid]
+        self._jobs.discard(job)
+        if id(job) in self._stale:  # started before the ring was replaced: its records moved
+            self._stale.discard(id(job))
+            lane.finished()
+            return
+        self._flying.difference_update(r.start for r in job.items)
+        retry: Optional[Attempt] = None
+        for part, attempt in outcome:
+            self.ring.bump("requests", attempt.requests)
+            error = attempt.error
+            if error is None:
+                self.ring.bump("sent", len(part))
+                self.ring.bump("batches")
+                self._done_with(part)
+            elif error.final:
+                self._dead_letter(sid, part, error)
+            else:
+                retry = attempt
+                held = Held(part, job.retries + 1, job.first_failed or time.monotonic())
+                if held.exhausted(settings, PROBE_POLICY.delay(held.retries, attempt.retry_after)):
+                    self._dead_letter(sid, part, error)
+                else:
+                    for rec in part:
+                        self._tries[rec.start] = (held.retries, held.first_failed)
+                    self._pending[sid].extendleft(reversed(part))  # first in line for the probe
+        if job.retries:
+            self.ring.bump("retries")
+        if retry is not None and retry.error is not None:
+            pause = lane.failed(str(retry.error), retry.retry_after)
+            self.ring.set_error(str(retry.error))
+            logger.warning("cdpmp uploader: %s; keeping the batch, next probe in %.1fs", retry.error, pause)
+        elif any(a.error is None for _, a in outcome):
+            lane.succeeded(backlog=len(self._pending.get(sid, ())) >= settings.upload_size)
+        else:
+            lane.finished()
+
+    def _done_with(self, records: List[Record]) -> None:
+        for rec in records:
+            self._acked.add(rec.start)
+            self._tries.pop(rec.start, None)
+
+    def _release(self, head: int) -> bool:
+        """Advance head over the done prefix of the records read (in ring order)."""
+        window, acked = self._window, self._acked
+        new_head, released = head, 0
+        by_source: Dict[int, int] = {}
+        while window and window[0].start in acked:
+            rec = window.popleft()
+            acked.discard(rec.start)
+            new_head = rec.end
+            if rec.payload and rec.source != CORRUPT:
+                released += 1
+                by_source[rec.source] = by_source.get(rec.source, 0) + 1
+        if new_head == head:
+            return False
+        self.ring.release(new_head, released, by_source)
+        if self._recount:
+            self._recount = False
+            self.ring.recount()
+        return True
+
+    def _quarantine(self, rec: Record) -> None:
+        logger.warning(
+            "cdpmp uploader: %d damaged byte(s) in the ring skipped, dead-lettered", rec.end - rec.start
+        )
+        if not append_dead_letter(self.directory, CORRUPT, "damaged ring bytes", [rec.payload]):
+            self.ring.bump("dead_letter_overflow")
+        self._acked.add(rec.start)
+        self._recount = True  # the damage may have been a counted record
+
+    def _dead_letter(self, sid: int, batch: List[Record], error: DeliveryError) -> None:
+        self.ring.bump("failed", len(batch))
+        self.ring.bump("dead_lettered", len(batch))
+        self.ring.set_error(str(error))
+        logger.warning(
+            "cdpmp uploader: batch of %d given up (%s); written to dead-letter.jsonl", len(batch), error
+        )
+        if not append_dead_letter(self.directory, sid, str(error), [r.payload for r in batch]):
+            self.ring.bump("dead_letter_overflow", len(batch))
+        self._done_with(batch)
+
+
+def _payloads(records: List[Record]) -> List[bytes]:
+    return [r.payload for r in records]
+
+
+def _take(pending: Deque[Record], upload_size: int) -> List[Record]:
+    """The next batch: at most ``upload_size`` records and 500 KB, in ring order."""
+    batch: List[Record] = []
+    size = 0
+    while pending and len(batch) < upload_size:
+        item = len(pending[0].payload) + 1
+        if batch and size + item > _ROOM:
+            break
+        batch.append(pending.popleft())
+        size += item
+    return batch

@@ -1,0 +1,148 @@
+"""The ring header's bookkeeping: producers, the uploader, counters, sources, errors.
+
+:class:`RingHeader` is the part of :class:`cdpmp.shared.ring.Ring` that reads and
+writes the header's fixed fields (see :mod:`.layout` for where each lives); the
+records themselves are :mod:`.ring`'s. Every write happens under the ring's locks.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import time
+from contextlib import AbstractContextManager
+from typing import List, Optional, Tuple
+
+from .._outcome import HostStats
+from .layout import (
+    COUNTERS,
+    COUNTERS_AT,
+    ERROR_AT,
+    ERROR_LEN,
+    HEAD_TAIL_COUNT,
+    SLOT,
+    SLOTS,
+    SLOTS_AT,
+    SOURCES,
+    SOURCES_AT,
+    SPAWN_AT,
+    SRC,
+    UPLOADER,
+)
+
+
+class RingHeader:
+    """Header fields of a mapped ring (``mm``), under the ring's locks (``_locked``)."""
+
+    mm: mmap.mmap
+    capacity: int
+    max_count: int
+
+    def _locked(self, timeout: Optional[float] = None) -> AbstractContextManager[None]:
+        raise NotImplementedError  # pragma: no cover - provided by Ring
+
+    def sources(self) -> List[Tuple[int, int, int]]:
+        """(source, records held, limit) of every source slot in use."""
+        out = []
+        for i in range(SOURCES):
+            sid, held, limit = SRC.unpack_from(self.mm, SOURCES_AT + i * SRC.size)
+            if sid and (held or limit):
+                out.append((sid, held, limit))
+        return out
+
+    def register_producer(self, pid: int, create_time: float) -> None:
+        """Record this process in a free (or dead) producer slot; best effort."""
+        with self._locked():
+            for i in range(SLOTS):
+                at = SLOTS_AT + i * SLOT.size
+                slot_pid, _ = SLOT.unpack_from(self.mm, at)
+                if slot_pid in (0, pid) or not pid_alive(slot_pid):
+                    SLOT.pack_into(self.mm, at, pid, create_time)
+                    return
+
+    def producers(self) -> List[Tuple[int, float]]:
+        out = []
+        for i in range(SLOTS):
+            pid, ctime = SLOT.unpack_from(self.mm, SLOTS_AT + i * SLOT.size)
+            if pid:
+                out.append((pid, ctime))
+        return out
+
+    def set_uploader(self, pid: int, create_time: float) -> None:
+        with self._locked():
+            UPLOADER.pack_into(self.mm, 160, pid, create_time, time.time())
+
+    def heartbeat(self) -> None:
+        struct.pack_into("<d", self.mm, 176, time.time())
+
+    def uploader(self) -> Tuple[int, float, float]:
+        """(pid, create time, heartbeat) as last published."""
+        return UPLOADER.unpack_from(self.mm, 160)
+
+    def claim_spawn(self, min_interval: float) -> bool:
+        """True for the one caller per ``min_interval`` seconds allowed to spawn."""
+        now = time.time()
+        with self._locked(timeout=0.5):
+            (last,) = struct.unpack_from("<d", self.mm, SPAWN_AT)
+            if now - last < min_interval:
+                return False
+            struct.pack_into("<d", self.mm, SPAWN_AT, now)
+            self._bump_locked("spawns")
+            return True
+
+    def _bump_locked(self, name: str, n: int = 1) -> None:
+        at = COUNTERS_AT + 8 * COUNTERS.index(name)
+        (value,) = struct.unpack_from("<Q", self.mm, at)
+        struct.pack_into("<Q", self.mm, at, value + n)
+
+    def bump(self, name: str, n: int = 1) -> None:
+        with self._locked():
+            self._bump_locked(name, n)
+
+    def set_error(self, text: str) -> None:
+        raw = text.encode("utf-8", "replace")[: ERROR_LEN - 1]
+        with self._locked():
+            self.mm[ERROR_AT : ERROR_AT + ERROR_LEN] = raw.ljust(ERROR_LEN, b"\0")
+
+    def counters(self) -> HostStats:
+        values = struct.unpack_from(f"<{len(COUNTERS)}Q", self.mm, COUNTERS_AT)
+        head, tail, count = HEAD_TAIL_COUNT.unpack_from(self.mm, 32)
+        pid, _, beat = self.uploader()
+        error = bytes(self.mm[ERROR_AT : ERROR_AT + ERROR_LEN]).rstrip(b"\0").decode("utf-8", "replace")
+        named = dict(zip(COUNTERS, values))
+        return HostStats(
+            accepted=named["accepted"],
+            queue_full=named["queue_full"],
+            sent=named["sent"],
+            failed=named["failed"],
+            batches=named["batches"],
+            requests=named["requests"],
+            retries=named["retries"],
+            dead_lettered=named["dead_lettered"],
+            spawns=named["spawns"],
+            corrupt=named["corrupt"],
+            unknown_source=named["unknown_source"],
+            dead_letter_overflow=named["dead_letter_overflow"],
+            depth=count,
+            bytes_used=tail - head,
+            capacity=self.capacity,
+            max_count=self.max_count,
+            sources=[
+                {"source": f"{sid:016x}", "depth": n, "limit": limit} for sid, n, limit in self.sources()
+            ],
+            uploader_pid=pid or None,
+            heartbeat_age=(time.time() - beat) if beat else None,
+            last_error=error or None,
+        )
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (it may belong to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

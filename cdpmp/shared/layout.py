@@ -1,0 +1,168 @@
+"""The ring file's byte layout, its header checks, and how the file is reserved.
+
+File ``ring`` in the runtime directory (0600), mapped ``MAP_SHARED`` by every process.
+All integers little-endian. Offsets are *monotonic* byte counts (never wrapped);
+a position in the data area is ``offset % capacity``.
+
+Header (``HEADER_SIZE`` = 4096 bytes)::
+
+    0    8s  magic  b"CDPMPRNG"
+    8    I   format version (FORMAT_VERSION); a different version is refused
+    12   I   header size
+    16   Q   capacity: size of the data area in bytes (multiple of 8)
+    24   Q   max_count: host-wide message limit (the creator's max_queue_size)
+    32   Q   head: offset of the oldest record not yet acknowledged
+    40   Q   tail: offset where the next record goes
+    48   Q   count: records between head and tail
+    56   Q   reserved
+    64   12Q counters (COUNTERS, in that order; the last was zero "reserved" before)
+    160  Q   uploader pid        168 d uploader create time (psutil)
+    176  d   uploader heartbeat (time.time())
+    184  d   last spawn attempt (time.time()), rate-limits auto-start host-wide
+    192  256s last delivery error (UTF-8, NUL-padded; never payload or key)
+    448  64 x (Q pid, d create time): producer slots (processes that used the ring)
+    1536 64 x (Q source, Q count, Q limit): per-source slots (records held, and the
+         limit its producers last asked for: their max_queue_size)
+
+Data area, from ``HEADER_SIZE``: records, each 8-byte aligned::
+
+    I  payload length     I  marker (RECORD or PAD)     Q  source id
+    payload bytes (one serialised message), zero padding to a multiple of 8
+
+A record that would cross the end of the data area is preceded by a PAD record filling
+the rest (or, when fewer than 16 bytes remain, by nothing: readers skip such a
+remainder). The reader validates marker, length and bounds of every record; damaged
+bytes are skipped up to the next valid record and handed on as one ``CORRUPT`` record
+(quarantined by the uploader), so they never stop what follows.
+
+The file is reserved in full when it is created (``posix_fallocate``; a sparse file
+left by an older version is reserved when opened): a write into a page the tmpfs
+cannot supply would kill the producer with SIGBUS. The capacity is capped at half of
+what the file system has free. Every header field is checked when the ring is opened.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import mmap
+import os
+import struct
+import time
+from typing import NamedTuple
+
+from .files import RuntimeDirError
+
+logger = logging.getLogger("cdpmp")
+
+MAGIC = b"CDPMPRNG"
+FORMAT_VERSION = 1
+HEADER_SIZE = 4096
+RECORD = 0xCD9A0001
+PAD = 0xCD9AFFFF
+REC = struct.Struct("<IIQ")
+HEAD_TAIL_COUNT = struct.Struct("<QQQ")
+TAIL_COUNT = struct.Struct("<QQ")  # tail at 40, count at 48: one store publishes both
+COUNTERS = (
+    "accepted",
+    "queue_full",
+    "sent",
+    "failed",
+    "batches",
+    "requests",
+    "retries",
+    "dead_lettered",
+    "spawns",
+    "corrupt",
+    "unknown_source",
+    "dead_letter_overflow",
+)
+COUNTERS_AT = 64
+ACCEPTED_AT = COUNTERS_AT  # "accepted" is the first counter
+U64 = struct.Struct("<Q")
+UPLOADER = struct.Struct("<Qdd")  # pid, create time, heartbeat at 160
+SPAWN_AT = 184
+ERROR_AT, ERROR_LEN = 192, 256
+SLOTS, SLOTS_AT = 64, 448
+SLOT = struct.Struct("<Qd")
+SOURCES, SOURCES_AT = 64, 1536
+SRC = struct.Struct("<QQQ")
+MAX_PAYLOAD = 32 * 1024 + 1024
+#: The source of a :class:`Record` holding damaged bytes instead of a message.
+CORRUPT = (1 << 64) - 1
+
+
+class RingFormatError(RuntimeDirError):
+    """The ring file exists but has another format version or is damaged."""
+
+
+class RingBusy(OSError):
+    """The ring lock could not be taken within the caller's deadline."""
+
+
+def flock_within(fd: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise RingBusy("the ring lock is held by another process") from None
+            time.sleep(0.001)
+
+
+class Record(NamedTuple):
+    start: int  # offset of this record (its identity while it is in the ring)
+    end: int  # offset just past this record
+    source: int
+    payload: bytes
+
+
+def aligned(n: int) -> int:
+    return (n + 7) & ~7
+
+
+MIN_CAPACITY = 64 << 10  # below this a ring holds too few records to be worth it
+
+
+def fit(fd: int, capacity: int, path: str) -> int:
+    """``capacity``, shrunk to half of what the file system has free (a small
+    ``/dev/shm`` is shared with everything else in the container)."""
+    vfs = os.fstatvfs(fd)
+    room = (vfs.f_bavail * vfs.f_frsize // 2 - HEADER_SIZE) & ~7
+    if room >= capacity:
+        return capacity
+    if room < MIN_CAPACITY:
+        raise RuntimeDirError(f"{path}: only {room} bytes could be reserved for the ring")
+    logger.warning(
+        "cdpmp: the shared-mode ring gets %d bytes instead of %d: its file system has little room",
+        room,
+        capacity,
+    )
+    return room
+
+
+def reserve(fd: int, size: int, path: str) -> None:
+    """Allocate every page of the file now; refuse (and leave no half-made ring) if
+    the file system cannot hold it."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        os.ftruncate(fd, 0)
+        raise RuntimeDirError(f"{path}: cannot reserve {size} bytes ({exc.strerror})") from None
+
+
+def header_problem(mm: mmap.mmap, size: int) -> str:
+    """Why this header cannot be trusted, or "" when every field is consistent."""
+    if size < HEADER_SIZE + MIN_CAPACITY // 16:
+        return f"file of {size} bytes is too small"
+    magic, version, header, cap, limit = struct.unpack_from("<8sIIQQ", mm, 0)
+    if magic != MAGIC or version != FORMAT_VERSION or header != HEADER_SIZE:
+        return f"format {magic!r} v{version}, expected v{FORMAT_VERSION}"
+    if cap % 8 or size != HEADER_SIZE + cap:
+        return f"size {size} does not match its header (capacity {cap})"
+    head, tail, count = HEAD_TAIL_COUNT.unpack_from(mm, 32)
+    if limit < 1 or head > tail or tail - head > cap or head % 8 or tail % 8 or count > (tail - head) // 16:
+        return f"inconsistent header (head {head}, tail {tail}, count {count}, limit {limit})"
+    return ""

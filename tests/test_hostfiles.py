@@ -1,0 +1,190 @@
+"""The runtime directory's files are not ours alone: removed under live processes,
+replaced by FIFOs or symlinks, left with another mode. Real processes, exact counts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import List
+
+import pytest
+
+import cdpmp
+from cdpmp.testing import Collector
+from tests.conftest import uploader_processes, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _shared(collector: Collector) -> cdpmp.Client:
+    return cdpmp.Client(collector.write_key, endpoint=collector.url, mode="shared", upload_interval=0.05)
+
+
+def _track(client: cdpmp.Client, prefix: str, n: int) -> List[str]:
+    ids = [f"{prefix}{i}" for i in range(n)]
+    for mid in ids:
+        assert client.track("u", "E", message_id=mid)[0]
+    return ids
+
+
+def test_runtime_dir_removed_under_live_processes_loses_nothing(
+    runtime_dir: str, collector: Collector
+) -> None:
+    collector.fail_next(10**6, status=503)  # down: everything waits in the ring
+    client = _shared(collector)
+    try:
+        before = _track(client, "a", 100)
+        assert wait_until(lambda: len(collector.requests) >= 1, 30)  # the uploader holds them
+        shutil.rmtree(runtime_dir)  # systemd-logind RemoveIPC, tmpfiles ageing, an admin
+        time.sleep(1.1)  # the producer looks at its files once a second, on a call
+        after = _track(client, "b", 10)
+        assert Path(runtime_dir, "ring").exists()  # a new ring, with what the old one held
+        collector.reset()  # the endpoint is back
+        assert client.flush(timeout=60)
+        assert collector.wait_for(110, timeout=30)
+        assert collector.unique_ids() == set(before + after)
+        assert collector.duplicates() == {}
+        assert wait_until(lambda: len(uploader_processes(runtime_dir)) == 1, 30)  # the old one left
+    finally:
+        client.shutdown(timeout=5)
+
+
+def test_ring_removed_on_a_quiet_host_is_carried_over_by_the_uploader(
+    runtime_dir: str, collector: Collector
+) -> None:
+    collector.fail_next(10**6, status=503)
+    script = f"""
+        import os, cdpmp
+        c = cdpmp.Client({collector.write_key!r}, endpoint={collector.url!r}, mode="shared",
+                         upload_interval=0.05)
+        for i in range(50):
+            assert c.track("u", "E", message_id=f"q{{i}}")[0]
+        c.flush(timeout=1.0)  # the uploader is up and failing
+        os._exit(0)  # no producer will call again
+    """
+    subprocess.run([sys.executable, "-c", textwrap.dedent(script)], check=True, timeout=60)
+    assert wait_until(lambda: len(collector.requests) >= 1, 30)
+    os.unlink(os.path.join(runtime_dir, "ring"))
+    assert wait_until(lambda: Path(runtime_dir, "ring").exists(), 30)  # made again by the uploader
+    collector.reset()
+    assert collector.wait_for(50, timeout=60)
+    assert collector.unique_ids() == {f"q{i}" for i in range(50)}
+    assert collector.duplicates() == {}
+
+
+def test_sources_file_removed_then_uploader_restarted_loses_nothing(
+    runtime_dir: str, collector: Collector
+) -> None:
+    collector.fail_next(10**6, status=503)
+    client = _shared(collector)
+    try:
+        before = _track(client, "s", 20)
+        assert wait_until(lambda: len(uploader_processes(runtime_dir)) == 1, 30)
+        (uploader,) = uploader_processes(runtime_dir)
+        uploader.send_signal(signal.SIGKILL)
+        uploader.wait(10)
+        os.unlink(os.path.join(runtime_dir, "sources.json"))
+        collector.reset()
+        time.sleep(1.1)
+        after = _track(client, "t", 1)  # restores its entry, then starts an uploader
+        assert client.flush(timeout=60)
+        assert collector.wait_for(21, timeout=30)
+        assert collector.unique_ids() == set(before + after) and collector.duplicates() == {}
+        host = client.stats()["host"]
+        assert host is not None and host["unknown_source"] == 0
+    finally:
+        client.shutdown(timeout=5)
+
+
+@pytest.mark.parametrize("name", ["sources.json", "ring", "ring.lock"])
+def test_a_fifo_in_place_of_a_runtime_file_is_refused_without_hanging(
+    runtime_dir: str, collector: Collector, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    os.mkdir(runtime_dir, 0o700)
+    os.mkfifo(os.path.join(runtime_dir, name), 0o600)
+    with caplog.at_level(logging.WARNING, logger="cdpmp"):
+        client = _shared(collector)  # would block forever opening a FIFO
+    try:
+        assert client.stats()["mode"] == "direct"
+        assert any("not a regular file" in r.getMessage() for r in caplog.records)
+        assert client.track("u", "E")[0] and client.flush(timeout=10)
+    finally:
+        client.shutdown(timeout=5)
+
+
+def test_a_fifo_in_place_of_the_log_does_not_hang_track(runtime_dir: str, collector: Collector) -> None:
+    os.mkdir(runtime_dir, 0o700)
+    os.mkfifo(os.path.join(runtime_dir, "uploader.log"), 0o600)
+    client = _shared(collector)
+    try:
+        assert client.track("u", "E")[0]  # returns: the uploader cannot be started, said once
+        assert client.stats()["mode"] == "shared"
+    finally:
+        client.shutdown(timeout=1)
+
+
+def test_a_symlink_at_the_election_lock_never_truncates_its_target(
+    runtime_dir: str, collector: Collector, tmp_path: Path
+) -> None:
+    victim = tmp_path / "precious.txt"
+    victim.write_text("keep me")
+    os.mkdir(runtime_dir, 0o700)
+    os.symlink(victim, os.path.join(runtime_dir, "uploader.lock"))
+    client = _shared(collector)
+    try:
+        client.track("u", "E")
+        client.flush(timeout=3)
+        assert victim.read_text() == "keep me"
+        log = Path(runtime_dir, "uploader.log")
+        assert wait_until(lambda: "cannot serve" in log.read_text(), 30)  # it refused, and said so
+    finally:
+        client.shutdown(timeout=1)
+
+
+def test_a_directory_we_did_not_create_keeps_its_mode(
+    runtime_dir: str, collector: Collector, caplog: pytest.LogCaptureFixture
+) -> None:
+    os.mkdir(runtime_dir)
+    os.chmod(runtime_dir, 0o755)
+    with caplog.at_level(logging.WARNING, logger="cdpmp"):
+        client = _shared(collector)
+    try:
+        assert stat.S_IMODE(os.stat(runtime_dir).st_mode) == 0o755  # never chmod-ed
+        assert client.stats()["mode"] == "direct"
+        assert any("mode 755" in r.getMessage() for r in caplog.records)
+    finally:
+        client.shutdown(timeout=5)
+
+
+def test_stats_never_creates_a_ring_and_speaks_json_and_prometheus(
+    runtime_dir: str, collector: Collector
+) -> None:
+    def stats(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "cdpmp", "stats", *args], capture_output=True, text=True, timeout=30
+        )
+
+    missing = stats()
+    assert missing.returncode == 1 and "no shared-mode ring in" in missing.stderr
+    assert not os.path.exists(runtime_dir)  # nothing was created to report on
+    client = _shared(collector)
+    try:
+        _track(client, "p", 5)
+        assert client.flush(timeout=30)
+    finally:
+        client.shutdown(timeout=5)
+    one_line = stats("--json")
+    assert one_line.returncode == 0 and len(one_line.stdout.strip().splitlines()) == 1
+    data = __import__("json").loads(one_line.stdout)
+    assert data["accepted"] == 5 and data["sent"] == 5 and data["runtime_dir"] == runtime_dir
+    text = stats("--prometheus", "--dir", runtime_dir).stdout
+    assert "# TYPE cdpmp_shared_accepted_total counter" in text and "cdpmp_shared_accepted_total 5" in text
+    assert "cdpmp_shared_depth 0" in text and 'cdpmp_shared_source_limit{source="' in text
