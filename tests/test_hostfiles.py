@@ -188,3 +188,47 @@ def test_stats_never_creates_a_ring_and_speaks_json_and_prometheus(
     text = stats("--prometheus", "--dir", runtime_dir).stdout
     assert "# TYPE cdpmp_shared_accepted_total counter" in text and "cdpmp_shared_accepted_total 5" in text
     assert "cdpmp_shared_depth 0" in text and 'cdpmp_shared_source_limit{source="' in text
+
+
+def test_a_parent_killed_holding_the_ring_lock_does_not_wedge_the_host(
+    runtime_dir: str, collector: Collector
+) -> None:
+    # The parent forks a child that stays alive, then dies inside a locked section.
+    # flock locks belong to the open file description: had the child kept the lock
+    # descriptor it inherited, the lock would stay held while the child lives, and
+    # every new shared-mode client on the host would block.
+    script = f"""
+        import fcntl, os, signal, sys, time, cdpmp
+        c = cdpmp.Client({collector.write_key!r}, endpoint={collector.url!r}, mode="shared",
+                         upload_interval=0.05)
+        assert c.track("u", "E", message_id="parent")[0]
+        child = os.fork()
+        if child == 0:
+            assert c.track("u", "E", message_id="child")[0]  # re-opens, closes what it inherited
+            time.sleep(120)
+            os._exit(0)
+        print(child, flush=True)
+        time.sleep(0.5)
+        fcntl.flock(c._sink._ring._lock_fd, fcntl.LOCK_EX)  # inside the ring's locked section...
+        os.kill(os.getpid(), signal.SIGKILL)  # ...and killed there
+    """
+    with subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script)], stdout=subprocess.PIPE, text=True
+    ) as parent:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        try:
+            assert parent.wait(30) == -signal.SIGKILL
+            newcomer = f"""
+                import cdpmp
+                c = cdpmp.Client({collector.write_key!r}, endpoint={collector.url!r}, mode="shared")
+                assert c.track("u", "E", message_id="newcomer")[0]
+                assert c.flush(timeout=30)
+            """
+            # Wedged, the newcomer would wait for the child (120 s): 30 s is the hang guard.
+            done = subprocess.run([sys.executable, "-c", textwrap.dedent(newcomer)], timeout=30)
+            assert done.returncode == 0
+            assert collector.wait_for(3, timeout=30)
+            assert collector.unique_ids() == {"parent", "child", "newcomer"}
+        finally:
+            os.kill(child, signal.SIGKILL)
