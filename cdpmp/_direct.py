@@ -266,7 +266,7 @@ class DirectSink:
                     retry = attempt
                     kept.append(part)
             if retry is not None and retry.error is not None:
-                pause = self._lane.failed(str(retry.error), retry.retry_after)
+                pause = self._lane.failed(retry.retry_after)
                 for part in reversed(kept):
                     held = Held(part, job.retries + 1, job.first_failed or now)
                     if held.exhausted(self._settings, pause):

@@ -56,7 +56,6 @@ class Lane:
         self.in_flight = 0
         self.failures = 0
         self.resume_at = 0.0
-        self.last_error: Optional[str] = None
 
     def slots(self, now: float) -> int:
         """Requests that may start now."""
@@ -81,12 +80,11 @@ class Lane:
         elif self.in_flight == 0:
             self.limit = max(1, self.limit - 1)
 
-    def failed(self, error: str, retry_after: Optional[float]) -> float:
+    def failed(self, retry_after: Optional[float]) -> float:
         """A retryable failure: back off; returns the pause before the next probe."""
         self.in_flight -= 1
         self.failures += 1
         self.limit = max(1, self.limit // 2)
-        self.last_error = error
         pause = self.policy.delay(self.failures, retry_after)
         self.resume_at = max(self.resume_at, time.monotonic() + pause)
         return pause

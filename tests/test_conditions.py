@@ -329,10 +329,10 @@ def test_lane_grows_with_a_backlog_and_probes_alone_while_failing() -> None:
         history["limit"].append(lane.limit)
     assert history["limit"] == [2, 3, 4, 4, 4, 4]  # +1 per success with a backlog, capped
     lane.started()
-    lane.failed("503", retry_after=None)
+    lane.failed(retry_after=None)
     assert lane.limit == 2 and lane.slots(time.monotonic()) == 1  # one probe at a time
     lane.started()
-    lane.failed("503", retry_after=None)
+    lane.failed(retry_after=None)
     assert lane.slots(time.monotonic()) == 1 and lane.failures == 2
     lane.started()
     lane.succeeded(backlog=False)
@@ -342,7 +342,7 @@ def test_lane_grows_with_a_backlog_and_probes_alone_while_failing() -> None:
 def test_lane_honours_retry_after() -> None:
     lane = Lane(max_in_flight=4)
     lane.started()
-    assert lane.failed("429", retry_after=3.0) == 3.0
+    assert lane.failed(retry_after=3.0) == 3.0
     assert lane.slots(time.monotonic()) == 0 and 2.5 < lane.wait(time.monotonic()) <= 3.0
 
 

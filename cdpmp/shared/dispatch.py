@@ -261,7 +261,7 @@ class Dispatch:
         if job.retries:
             self.ring.bump("retries")
         if retry is not None and retry.error is not None:
-            pause = lane.failed(str(retry.error), retry.retry_after)
+            pause = lane.failed(retry.retry_after)
             self.ring.set_error(str(retry.error))
             logger.warning("cdpmp uploader: %s; keeping the batch, next probe in %.1fs", retry.error, pause)
         elif any(a.error is None for _, a in outcome):
