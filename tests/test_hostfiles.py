@@ -232,3 +232,33 @@ def test_a_parent_killed_holding_the_ring_lock_does_not_wedge_the_host(
             assert collector.unique_ids() == {"parent", "child", "newcomer"}
         finally:
             os.kill(child, signal.SIGKILL)
+
+
+def test_an_uploader_whose_pid_means_nothing_here_is_still_seen_alive(
+    runtime_dir: str, collector: Collector
+) -> None:
+    # A sidecar uploader in another PID namespace publishes a pid that does not exist
+    # (or is another process) in ours: liveness must come from the heartbeat and the
+    # election lock, or producers would start a new uploader every 2 s, forever.
+    import struct
+
+    client = _shared(collector)
+    try:
+        _track(client, "x", 1)
+        assert client.flush(timeout=30)
+        ring = client._sink._ring  # type: ignore[attr-defined]
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        struct.pack_into("<Q", ring.mm, 160, gone.pid)  # a pid that names no process here
+        spawns = client.stats()["host"]["spawns"]  # type: ignore[index]
+        ids = []
+        for i in range(8):  # 4 s of calls, each second a liveness check
+            ids += _track(client, f"y{i}-", 5)
+            time.sleep(0.5)
+        assert client.flush(timeout=30)
+        assert client.stats()["host"]["spawns"] == spawns  # type: ignore[index]
+        assert len(uploader_processes(runtime_dir)) == 1
+        assert collector.wait_for(41, timeout=30)
+        assert collector.unique_ids() == {"x0", *ids} and collector.duplicates() == {}
+    finally:
+        client.shutdown(timeout=5)

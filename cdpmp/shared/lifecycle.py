@@ -20,6 +20,7 @@ may be reused), then wait for it to exit; the uploader drains first.
 from __future__ import annotations
 
 import atexit
+import fcntl
 import os
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from typing import Dict, List, Tuple
 import psutil
 
 from .._options import ENV
-from .files import open_log, runtime_dir
+from .files import UPLOADER_LOCK, open_log, open_private, runtime_dir
 from .header import pid_alive
 from .ring import Ring
 
@@ -46,8 +47,31 @@ _reap_at_exit: List[bool] = []
 
 
 def alive(ring: Ring) -> bool:
+    """An uploader serves this ring: it has published itself, its heartbeat is fresh,
+    and either its pid is alive here or — when the pid means nothing to us (a sidecar
+    in another PID namespace sharing only the runtime directory) — someone holds the
+    election lock, which the kernel frees when its holder dies."""
     pid, _, beat = ring.uploader()
-    return bool(pid) and time.time() - beat < STALE_AFTER and pid_alive(pid)
+    if not pid or time.time() - beat >= STALE_AFTER:
+        return False
+    return pid_alive(pid) or election_held(os.path.dirname(ring.path))
+
+
+def election_held(directory: str) -> bool:
+    """True if a process holds ``uploader.lock`` (the lock is probed, never kept)."""
+    try:
+        fd = open_private(os.path.join(directory, UPLOADER_LOCK))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 def _reap(wait: float = 0.0) -> None:
