@@ -194,7 +194,7 @@ def run(quick: bool = False) -> Dict[str, Any]:
         # Low rate: 8 workers, 40 requests/s in all (5 events/s per worker), 5 s.
         low = []
         for client in ("cdpmp-direct", "cdpmp-shared"):
-            row = run_one(("sync", 8), 1, client, 3.0 if quick else 5.0, 4, collector, runtime, rate=40.0)
+            row = run_one(("sync", 8), 1, client, 1.5 if quick else 5.0, 4, collector, runtime, rate=40.0)
             low.append(row)
             progress(
                 f"low rate sync x8 {client}: {row['tracked']} events, "

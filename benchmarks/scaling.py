@@ -66,7 +66,7 @@ def _child(args: List[str], env: Dict[str, str]) -> subprocess.Popen[str]:
 
 
 def run(quick: bool = False) -> Dict[str, Any]:
-    events = 2000 if quick else 10000
+    events = 1000 if quick else 10000
     producers = (1, 4) if quick else PRODUCERS
     sizes = (0.5, 16) if quick else SIZES_KB
     out: Dict[str, Any] = {"producers": [], "sizes": []}
