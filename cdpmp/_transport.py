@@ -26,7 +26,6 @@ import encodings.idna  # noqa: F401
 import gzip as _gzip
 import logging
 import os
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -46,7 +45,7 @@ from ._options import Settings
 from ._outcome import classify_exception, classify_status, internal_error
 from ._retry import RetryPolicy, parse_retry_after
 from ._version import LIBRARY_NAME, __version__
-from .errors import APIError, DeliveryError, ShutdownAbandoned, TransportError
+from .errors import APIError, DeliveryError, TransportError
 
 logger = logging.getLogger("cdpmp")
 
@@ -201,25 +200,14 @@ class Transport:
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
         return Attempt(_api_error(response, final=verdict == "final"), 1, 0, retry_after)
 
-    def send(
-        self,
-        messages: List[bytes],
-        abort: Optional[threading.Event] = None,
-        deadline: Optional[float] = None,
-    ) -> Attempt:
-        """Deliver one batch with retries; the result says how (``error`` None on
-        success) and how many requests and retries it took.
-
-        ``deadline`` (a ``time.monotonic()`` value) and ``abort`` cut retries short:
-        shutdown spends one time budget, not one per batch. Without ``retry_budget``
-        the retries of this inline path last one ``timeout`` at most (``sync_mode``
-        blocks its caller; the queued modes hold a failing batch instead).
-        """
+    def send(self, messages: List[bytes]) -> Attempt:
+        """Deliver one batch with retries, inline (``sync_mode``); the result says how
+        (``error`` None on success) and how many requests and retries it took. Without
+        ``retry_budget`` the retries last one ``timeout`` at most: this path blocks its
+        caller, where the queued modes hold a failing batch instead."""
         body = self._encode(messages)
         budget = self.policy.budget if self.policy.budget is not None else self.settings.timeout
         end = time.monotonic() + budget
-        if deadline is not None:
-            end = min(end, deadline)
         requests = retries = 0
         while True:
             requests += 1
@@ -233,13 +221,7 @@ class Transport:
                 return Attempt(error, requests, retries, attempt.retry_after)
             retries += 1
             logger.debug("cdpmp: retry %d in %.2fs after %s", retries, delay, error)
-            if abort is not None:
-                if abort.wait(delay):
-                    return Attempt(
-                        ShutdownAbandoned("shutdown deadline passed during retry"), requests, retries
-                    )
-            else:
-                time.sleep(delay)
+            time.sleep(delay)
 
 
 def _ca_bundle() -> Optional[str]:
