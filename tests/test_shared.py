@@ -147,6 +147,29 @@ def test_uploader_sigkilled_mid_batch_is_replaced_and_nothing_is_lost(
     print(f"resent after uploader SIGKILL: {len(duplicates)} duplicate(s) of one batch")
 
 
+def test_event_accepted_while_the_uploader_dies_is_delivered_without_another_call(
+    runtime_dir: str, collector: Collector
+) -> None:
+    """A frozen uploader looks alive (its pid lives, it holds the election lock, its
+    heartbeat is fresh), so the lone event's own liveness check finds nothing to do;
+    then the uploader is SIGKILLed and nothing on the host calls cdpmp again. The
+    producer's watch thread notices the stale heartbeat and starts a new uploader."""
+    client = _shared(collector)
+    warm = client.track("u", "warm-up")[1]["messageId"]
+    assert client.flush(timeout=10)
+    (first,) = uploader_processes(runtime_dir)
+    first.send_signal(signal.SIGSTOP)
+    client._sink._next_check = 0.0  # type: ignore[attr-defined]  # this put runs its check
+    ok, msg = client.track("u", "lone")
+    assert ok
+    first.kill()
+    first.wait(10)
+    assert collector.wait_for(2, timeout=30)  # no track(), no flush() in between
+    assert sorted(collector.message_ids()) == sorted([warm, msg["messageId"]])
+    (second,) = uploader_processes(runtime_dir)
+    assert second.pid != first.pid
+
+
 def test_two_uploaders_racing_elect_exactly_one(runtime_dir: str, collector: Collector) -> None:
     _shared(collector)  # creates the ring
     procs = [

@@ -10,7 +10,13 @@ identified in records by a 64-bit id. Its settings reach the uploader through th
 sources file (:mod:`.files`), never argv, a process title or a log line.
 
 At most once a second a producer checks the uploader's liveness and, if it is gone,
-starts one (:func:`.lifecycle.ensure`).
+starts one (:func:`.lifecycle.ensure`). ``track()`` alone cannot cover an uploader that
+dies just after accepting a host's last event (its heartbeat is still fresh at that
+check, and on a quiet host no further call comes): so the first ``put`` in a process
+also starts one small daemon *watch* thread, which wakes once a second and, only while
+the ring holds records, runs the same check. It sleeps otherwise (an mmap read per
+second), and is never started where threads may not run (a uWSGI master, workers
+without ``enable-threads``); there the next call or the exit flush covers it.
 """
 
 from __future__ import annotations
@@ -18,13 +24,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
+import weakref
 from typing import Optional, Tuple
 
 import psutil
 
 from .._options import Settings, host_settings, source_entry
 from .._outcome import HostStats, Ledger
+from .._process import PROCESS
 from ..errors import ConfigurationError, DeliveryError, MessageRejected
 from . import lifecycle
 from .files import RuntimeDirError, read_sources, runtime_dir, write_source
@@ -71,6 +80,8 @@ class SharedSink:
             write_source(self._dir, self._source, source_entry(self._settings))
         self._next_check = 0.0
         self._registered = False
+        self._checking = threading.Lock()  # one check at a time: put() or the watch
+        self._watch_pid = -1
 
     def reset_after_fork(self) -> None:
         if self._pid != os.getpid():
@@ -95,9 +106,24 @@ class SharedSink:
             )
         now = time.monotonic()
         if now >= self._next_check:
-            self._next_check = now + CHECK_EVERY
-            self._check_uploader(ring)
+            self._check(now)
         return refusal
+
+    def _check(self, now: float) -> None:
+        """The liveness check, from ``put`` or the watch thread, never both at once."""
+        if not self._checking.acquire(blocking=False):
+            return
+        try:
+            self._next_check = now + CHECK_EVERY
+            if self._ring is not None and self._pid == os.getpid():
+                self._check_uploader(self._ring)
+        finally:
+            self._checking.release()
+        if self._watch_pid != self._pid and PROCESS.may_start_thread():
+            self._watch_pid = self._pid
+            threading.Thread(
+                target=_watch, args=(weakref.ref(self), self._pid), name="cdpmp-watch", daemon=True
+            ).start()
 
     def _check_uploader(self, ring: Ring) -> None:
         if ring.replaced():
@@ -125,10 +151,10 @@ class SharedSink:
         except (RuntimeDirError, RingFormatError, OSError) as exc:
             self._ledger.log.warning("replaced", "cdpmp: the shared-mode ring was removed: %s", exc)
             return old
+        self._ring, self._dir = ring, directory  # this process's new puts go there first
         records = old.take_all()
         lost = [r.payload for r in records if not ring.put(r.source, r.payload, 1 << 62)]
         old.close()
-        self._ring, self._dir = ring, directory
         with ring.locked():
             write_source(directory, self._source, source_entry(self._settings))
         self._registered = False
@@ -182,6 +208,23 @@ class SharedSink:
 
     def host(self) -> Optional[HostStats]:
         return self._here().counters()
+
+
+def _watch(ref: weakref.ReferenceType[SharedSink], pid: int) -> None:
+    """The watch thread (see the module docstring). Holds the sink only weakly, and
+    ends when the sink is gone, retired or belongs to another pid."""
+    while True:
+        time.sleep(CHECK_EVERY)
+        sink = ref()
+        if sink is None or sink._pid != pid or sink._ring is None:
+            return
+        now = time.monotonic()
+        try:
+            if now >= sink._next_check and sink._ring.peek()[2] > 0:
+                sink._check(now)
+        except (ValueError, OSError):  # the ring was closed under us
+            return
+        del sink
 
 
 def _create_time(pid: int) -> float:
