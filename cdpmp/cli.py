@@ -191,49 +191,23 @@ def cmd_track(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    from .prometheus import prometheus_text, read_counters
     from .shared.files import candidates
-    from .shared.ring import Ring
 
-    directories = [args.dir] if args.dir else candidates()
-    found = [d for d in directories if os.path.isfile(os.path.join(d, "ring"))]
-    if not found:  # never create a ring just to report on it
-        print(f"cdpmp stats: no shared-mode ring in {' or '.join(directories)}", file=sys.stderr)
-        return 1
     try:
-        ring = Ring(found[0])
+        found, counters = read_counters(args.dir)
     except OSError as exc:
-        print(f"cdpmp stats: cannot read the ring in {found[0]}: {exc}", file=sys.stderr)
+        print(f"cdpmp stats: cannot read the ring: {exc}", file=sys.stderr)
         return 1
-    try:
-        counters = ring.counters()
-    finally:
-        ring.close()
+    if counters is None:  # never create a ring just to report on it
+        where = " or ".join([args.dir] if args.dir else candidates())
+        print(f"cdpmp stats: no shared-mode ring in {where}", file=sys.stderr)
+        return 1
     if args.prometheus:
-        print(prometheus_text(dict(counters)), end="")
+        print(prometheus_text(counters), end="")
     else:
-        print(json.dumps({"runtime_dir": found[0], **counters}, indent=None if args.json else 2))
+        print(json.dumps({"runtime_dir": found, **counters}, indent=None if args.json else 2))
     return 0
-
-
-def prometheus_text(counters: Dict[str, Any]) -> str:
-    """The host-wide counters in the Prometheus text exposition format."""
-    lines = []
-    for name, value in counters.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        kind = "gauge" if name in _GAUGES else "counter"
-        metric = f"cdpmp_shared_{name}" + ("_total" if kind == "counter" else "")
-        lines += [f"# TYPE {metric} {kind}", f"{metric} {value}"]
-    lines.append("# TYPE cdpmp_shared_source_depth gauge")
-    for source in counters.get("sources", []):
-        lines.append(f'cdpmp_shared_source_depth{{source="{source["source"]}"}} {source["depth"]}')
-    lines.append("# TYPE cdpmp_shared_source_limit gauge")
-    for source in counters.get("sources", []):
-        lines.append(f'cdpmp_shared_source_limit{{source="{source["source"]}"}} {source["limit"]}')
-    return "\n".join(lines) + "\n"
-
-
-_GAUGES = {"depth", "bytes_used", "capacity", "max_count", "uploader_pid", "heartbeat_age"}
 
 
 def cmd_uploader(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from typing import List
 import pytest
 
 import cdpmp
-from cdpmp.testing import Collector
+from cdpmp.testing import Collector, Conditions, Outage
 from tests.conftest import uploader_processes, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -188,6 +188,35 @@ def test_stats_never_creates_a_ring_and_speaks_json_and_prometheus(
     text = stats("--prometheus", "--dir", runtime_dir).stdout
     assert "# TYPE cdpmp_shared_accepted_total counter" in text and "cdpmp_shared_accepted_total 5" in text
     assert "cdpmp_shared_depth 0" in text and 'cdpmp_shared_source_limit{source="' in text
+    assert "cdpmp_shared_ring_present 1" in text
+
+
+def test_prometheus_client_collector_reads_the_host_counters(runtime_dir: str, collector: Collector) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from cdpmp.prometheus import HostCollector
+
+    registry = CollectorRegistry()
+    registry.register(HostCollector(runtime_dir))
+    assert registry.get_sample_value("cdpmp_shared_ring_present") == 0  # and nothing was created
+    assert not os.path.exists(runtime_dir)
+    collector.set_conditions(Conditions(outages=(Outage(0, 600, 503),)))  # events wait in the ring
+    client = cdpmp.Client(collector.write_key, endpoint=collector.url, mode="shared", max_queue_size=7)
+    try:
+        results = [client.track("p", "E")[0] for _ in range(9)]
+        assert results == [True] * 7 + [False] * 2
+        source = f"{client._sink._source:016x}"  # type: ignore[attr-defined]
+        assert registry.get_sample_value("cdpmp_shared_accepted_total") == 7
+        assert registry.get_sample_value("cdpmp_shared_queue_full_total") == 2
+        assert registry.get_sample_value("cdpmp_shared_source_depth", {"source": source}) == 7
+        assert registry.get_sample_value("cdpmp_shared_source_limit", {"source": source}) == 7
+        assert b"# TYPE cdpmp_shared_depth gauge" in generate_latest(registry)
+        collector.set_conditions(Conditions())
+        assert client.flush(timeout=30)
+        assert registry.get_sample_value("cdpmp_shared_sent_total") == 7
+        assert registry.get_sample_value("cdpmp_shared_depth") == 0
+    finally:
+        client.shutdown(timeout=5)
 
 
 def test_a_parent_killed_holding_the_ring_lock_does_not_wedge_the_host(
