@@ -87,7 +87,11 @@ class _DeadlineSocket:
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         self._budget()
-        return self._sock.recv_into(buffer, nbytes, flags)
+        if nbytes or flags:
+            return self._sock.recv_into(buffer, nbytes, flags)
+        # Never pass an explicit 0: gevent's TLS socket reads 0 bytes for it (an EOF
+        # to http.client: "Remote end closed connection"), the stdlib reads len(buffer).
+        return self._sock.recv_into(buffer)
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         self._budget()

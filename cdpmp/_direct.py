@@ -10,13 +10,11 @@ The consumer sleeps until ``upload_interval`` seconds after the first waiting me
 or until a batch fills (by count or by the 500 KB request limit), or a flush or
 shutdown asks. Producers only wake it on those transitions, never per message.
 
-Delivery goes through the engine (:mod:`cdpmp._engine`): one request at a time, sent
-by the consumer itself, until a backlog grows the lane; then sender threads carry up
-to ``max_in_flight`` requests (an async worker can produce thousands of events per
-second, more than one request per round trip carries). A batch the endpoint answers
-with a retryable error is HELD (kept at the front, counted against ``max_queue_size``)
-and probed with backoff until the endpoint takes it; it is given up only at a final
-answer, the exit deadline, or a user-set ``max_retries`` / ``retry_budget``.
+Delivery goes through the engine (:mod:`cdpmp._engine`): one request at a time, sent by
+the consumer, until a backlog grows the lane onto sender threads (up to
+``max_in_flight``). A batch answered with a retryable error is HELD (counted against
+``max_queue_size``) and probed with backoff; it is given up only at a final answer,
+the exit deadline, or a user-set ``max_retries`` / ``retry_budget``.
 """
 
 from __future__ import annotations
@@ -26,9 +24,9 @@ import functools
 import os
 import threading
 import time
-from typing import Callable, Deque, List, Optional, Set, Tuple
+from typing import Callable, Deque, List, Optional, Set
 
-from ._engine import Held, Lane, Outcome, Workers, deliver
+from ._engine import Held, Lane, Outcome, Workers, deliver, partition, take_batch
 from ._options import Settings
 from ._outcome import HostStats, Ledger, internal_error
 from ._process import PROCESS
@@ -40,9 +38,7 @@ _BATCH_ROOM = MAX_BATCH_BYTES - ENVELOPE_BYTES
 
 
 class DirectSink:
-    """Bounded queue + lazily started consumer thread, per process; the consumer
-    dispatches through the engine (:mod:`cdpmp._engine`): one request at a time,
-    inline, until a backlog makes its lane grow onto sender threads."""
+    """Bounded queue + lazily started consumer thread, per process."""
 
     mode = "direct"
 
@@ -58,6 +54,9 @@ class DirectSink:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._wake = threading.Event()
+        self._clear()
+
+    def _clear(self) -> None:
         self._queue: Deque[bytes] = collections.deque()
         self._queued_bytes = 0
         self._held: Deque[Held] = collections.deque()  # retryable failures, oldest first
@@ -74,12 +73,22 @@ class DirectSink:
         self._thread: Optional[threading.Thread] = None
 
     def reset_after_fork(self) -> None:
-        if self._pid == os.getpid():
+        """Forget what the parent owns; build nothing: locks are made at first use
+        (:meth:`_here`), after a gevent worker patched ``threading`` (a real lock held
+        across a greenlet switch blocks the worker: ``--preload`` boot-looped)."""
+        if self._pid in (0, os.getpid()):
             return
         inherited = len(self._queue) + self._held_count
-        self._init_process_state()
+        self._pid = 0  # neither the parent's state nor ours yet
+        self._clear()
         self._ledger.reset()  # the child's stats describe the child
         self._ledger.inherited_discarded = inherited
+
+    def _here(self) -> None:
+        """Build this process's state (also after a C fork that ran no hook: uWSGI)."""
+        if self._pid != os.getpid():
+            self.reset_after_fork()
+            self._init_process_state()
 
     def depth(self) -> int:
         return len(self._queue) + self._held_count + self._in_flight
@@ -94,8 +103,9 @@ class DirectSink:
 
     def put(self, data: bytes) -> Optional[DeliveryError]:
         if self._pid != os.getpid():
-            self.reset_after_fork()
+            self._here()
         settings = self._settings
+        start: Optional[threading.Thread] = None
         with self._lock:
             n = len(self._queue)
             if n + self._held_count >= settings.max_queue_size:
@@ -113,12 +123,14 @@ class DirectSink:
                 due = n + 1 >= settings.upload_size or self._queued_bytes >= _BATCH_ROOM
                 wake = n == 0 or due
                 if self._thread is None:
-                    self._start_locked()
+                    start = self._claim_thread_locked()
                 inline = self._thread is None and (
                     due
                     or PROCESS.threadless_here()
                     or time.monotonic() - self._first_at >= settings.upload_interval
                 )
+        if start is not None:
+            self._launch(start)
         if full:
             held = self._held_count
             return MessageRejected(
@@ -130,18 +142,23 @@ class DirectSink:
             self._wake.set()
         return None
 
-    def _start_locked(self) -> None:
+    def _claim_thread_locked(self) -> Optional[threading.Thread]:
+        """The consumer, claimed here and started after the lock is released (under
+        gevent ``start()`` switches to it, and it would wait for our lock)."""
         PROCESS.ensure_exit_hook()  # also without a thread: exit then drains inline
         if not PROCESS.may_start_thread():
-            return
+            return None
         self._stopping = self._retiring
-        thread = threading.Thread(target=self._run, name="cdpmp-consumer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="cdpmp-consumer", daemon=True)
+        return self._thread
+
+    def _launch(self, thread: threading.Thread) -> None:
         try:
             thread.start()
         except RuntimeError:  # interpreter shutting down: flush() drains inline instead
-            self._thread = None
-            return
-        self._thread = thread
+            with self._lock:
+                if self._thread is thread:
+                    self._thread = None
 
     # -- consumer side -------------------------------------------------------------
 
@@ -223,18 +240,10 @@ class DirectSink:
         return max(0.0, self._first_at + self._settings.upload_interval - now)
 
     def _take_locked(self) -> List[bytes]:
-        batch: List[bytes] = []
-        size = 0
-        queue = self._queue
-        while queue and len(batch) < self._settings.upload_size:
-            item_size = len(queue[0]) + 1
-            if batch and size + item_size > _BATCH_ROOM:
-                break
-            batch.append(queue.popleft())
-            size += item_size
+        batch, size = take_batch(self._queue, self._settings.upload_size, _BATCH_ROOM)
         self._queued_bytes -= size
-        self._leftover = bool(queue)
-        if queue:
+        self._leftover = bool(self._queue)
+        if self._queue:
             self._first_at = time.monotonic()
         return batch
 
@@ -247,24 +256,12 @@ class DirectSink:
         self._settle(job, outcome)
 
     def _settle(self, job: Held, outcome: Outcome) -> None:
-        losses: List[Tuple[DeliveryError, List[bytes]]] = []
-        delivered = requests = 0
         now = time.monotonic()
         with self._lock:
             if job not in self._flying:
                 return  # abandoned at a shutdown deadline, and already counted
             self._flying.discard(job)
-            retry: Optional[Attempt] = None
-            kept: List[List[bytes]] = []
-            for part, attempt in outcome:
-                requests += attempt.requests
-                if attempt.error is None:
-                    delivered += len(part)
-                elif attempt.error.final:
-                    losses.append((attempt.error, part))
-                else:
-                    retry = attempt
-                    kept.append(part)
+            delivered, requests, losses, kept, retry = partition(outcome)
             if retry is not None and retry.error is not None:
                 pause = self._lane.failed(retry.retry_after)
                 for part in reversed(kept):
@@ -297,7 +294,8 @@ class DirectSink:
 
     def flush(self, timeout: float) -> bool:
         if self._pid != os.getpid():
-            self.reset_after_fork()
+            self._here()
+        start: Optional[threading.Thread] = None
         deadline = time.monotonic() + timeout
         if not self._lock.acquire(timeout=max(0.0, timeout)):
             return False
@@ -306,11 +304,13 @@ class DirectSink:
                 return True
             self._urgent = True
             thread = self._thread
-            if thread is None or not thread.is_alive():
-                self._start_locked()
-                thread = self._thread
+            if thread is None or (thread.ident is not None and not thread.is_alive()):
+                thread = start = self._claim_thread_locked()
         finally:
             self._lock.release()
+        if start is not None:
+            self._launch(start)
+            thread = self._thread
         if thread is None:
             return self._drain_inline(deadline, hold_back=False)
         self._wake.set()

@@ -29,13 +29,14 @@ import dataclasses
 import queue
 import threading
 import time
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Deque, List, Optional, Tuple
 
 from ._options import Settings
 from ._outcome import internal_error
 from ._process import PROCESS
 from ._retry import RetryPolicy
 from ._transport import Attempt, Transport, send_splitting
+from .errors import DeliveryError
 
 #: Backoff between probes of a failing endpoint: from 0.25 s, doubling, capped at 8 s
 #: with full jitter (so N processes that failed together do not probe together).
@@ -171,3 +172,38 @@ def deliver(
     """One request for ``items`` (split when the endpoint refuses their content);
     each part with its outcome, in order."""
     return send_splitting(lambda part: transport.post(payloads(part), deadline), items)
+
+
+def take_batch(queue: Deque[bytes], count: int, room: int) -> Tuple[List[bytes], int]:
+    """Pop the next batch off ``queue``: at most ``count`` messages and ``room``
+    bytes (each message costs its length plus a comma). Returns it and its bytes."""
+    batch: List[bytes] = []
+    size = 0
+    while queue and len(batch) < count:
+        item_size = len(queue[0]) + 1
+        if batch and size + item_size > room:
+            break
+        batch.append(queue.popleft())
+        size += item_size
+    return batch, size
+
+
+def partition(
+    outcome: Outcome,
+) -> Tuple[int, int, List[Tuple[DeliveryError, List[bytes]]], List[List[bytes]], Optional[Attempt]]:
+    """Split a batch's outcome: (delivered count, requests, final losses, parts to
+    hold for a retry, the retryable attempt that made them held or None)."""
+    delivered = requests = 0
+    losses: List[Tuple[DeliveryError, List[bytes]]] = []
+    kept: List[List[bytes]] = []
+    retry: Optional[Attempt] = None
+    for part, attempt in outcome:
+        requests += attempt.requests
+        if attempt.error is None:
+            delivered += len(part)
+        elif attempt.error.final:
+            losses.append((attempt.error, part))
+        else:
+            retry = attempt
+            kept.append(part)
+    return delivered, requests, losses, kept, retry

@@ -122,7 +122,7 @@ class Transport:
         if self._pid != pid or self._local_pool is None:
             kwargs: Dict[str, Any] = {"num_pools": 2, "maxsize": 4, "retries": False}
             if self.settings.endpoint.startswith("https:"):
-                kwargs.update(cert_reqs="CERT_REQUIRED", ca_certs=_ca_bundle())
+                kwargs.update(cert_reqs="CERT_REQUIRED", ssl_context=_ssl_context())
             if self._proxy:
                 pool: urllib3.PoolManager = urllib3.ProxyManager(self._proxy, **kwargs)
             else:
@@ -222,6 +222,21 @@ class Transport:
             retries += 1
             logger.debug("cdpmp: retry %d in %.2fs after %s", retries, delay, error)
             time.sleep(delay)
+
+
+def _ssl_context() -> Any:
+    """A verifying TLS context, built per pid from ``ssl.SSLContext`` as it is *now*.
+
+    Never urllib3's own factory: it keeps the ``SSLContext`` class it imported, and a
+    gevent or eventlet worker patches ``ssl`` after that (the gunicorn.conf.py line or
+    ``--preload`` imports cdpmp, hence urllib3, in the master). A context of the
+    original class then recurses in every property setter (``RecursionError`` on each
+    send, measured: 0 of 904 events over HTTPS). ``ssl.create_default_context`` looks
+    the class up at call time, so the patched one is used, and its sockets cooperate.
+    """
+    import ssl
+
+    return ssl.create_default_context(cafile=_ca_bundle())
 
 
 def _ca_bundle() -> Optional[str]:

@@ -173,7 +173,7 @@ def assert_exactly_once(collector: Collector, ok_ids: List[str], k: int, import_
     assert collector.wait_for(len(expected) + import_events, timeout=30)
     counts = collections.Counter(collector.message_ids())
     duplicates = {mid: n for mid, n in counts.items() if n > 1}
-    assert duplicates == {}
+    assert duplicates == {}, (len(duplicates), sorted(duplicates.items())[:10])
     requests = {mid for mid in counts if not mid.startswith(("import-", "probe"))}
     assert requests == expected, (len(requests - expected), len(expected - requests))
     imports = [mid for mid in counts if mid.startswith("import-")]
