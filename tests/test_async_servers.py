@@ -7,11 +7,12 @@ a graceful stop, counted by messageId.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import ssl
 import sys
 from pathlib import Path
-from typing import Iterator, List
+from typing import Any, Dict, Iterator, List
 
 import pytest
 import trustme
@@ -77,3 +78,94 @@ def test_gevent_workers_over_https(
     assert len(ok) == 300, output[-5000:]
     assert [line for line in output.splitlines() if "cdpmp:" in line] == [], output[-5000:]
     assert_exactly_once(tls_collector, ok, 3, import_events=1 if preload else 0)
+
+
+def _uvicorn(tmp_path: Path, collector: Collector, how: str, **env: str) -> Server:
+    port = free_port()
+    app = "tests.apps.asgi_app:app"
+    if how == "gunicorn-uvicornworker":
+        cmd = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            "tests/apps/gunicorn_conf.py",
+            "--bind",
+            f"127.0.0.1:{port}",
+        ]
+        cmd += ["--workers", "4", "--graceful-timeout", "20", "-k", "uvicorn.workers.UvicornWorker", app]
+    else:
+        cmd = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
+        cmd += ["--workers", "4", app] if how == "uvicorn-workers" else [app]
+    server = Server(cmd, server_env(collector.url, collector.write_key, **env), tmp_path / "server.log", port)
+    server.wait_ready()
+    return server
+
+
+@pytest.mark.parametrize("mode", ["direct", "shared"])
+@pytest.mark.parametrize("how", ["uvicorn", "uvicorn-workers", "gunicorn-uvicornworker"])
+def test_uvicorn_graceful_stop_delivers_everything_over_https(
+    how: str, mode: str, tmp_path: Path, tls_collector: Collector, request: pytest.FixtureRequest
+) -> None:
+    # A long interval: without the lifespan drain, every event still queued at the
+    # stop would be lost (the server dies by its re-raised SIGTERM).
+    server = _uvicorn(tmp_path, tls_collector, how, CDP_UPLOAD_INTERVAL="5", **_mode_env(mode, request))
+    ok = load(server.port, 300, k=3)
+    server.stop(signal.SIGTERM)
+    output = server.output()
+    assert len(ok) == 300, output[-5000:]
+    assert [line for line in output.splitlines() if "cdpmp:" in line] == [], output[-5000:]
+    assert_exactly_once(tls_collector, ok, 3, import_events=0)
+
+
+def _lifespan_messages(app: Any, collector: Collector) -> List[str]:
+    """Run one lifespan cycle (startup, shutdown) through the wrapped ``app``; return
+    the types it answered."""
+    from cdpmp import analytics
+    from cdpmp.integrations.asgi import lifespan
+
+    analytics.write_key, analytics.endpoint, analytics.upload_interval = (
+        collector.write_key,
+        collector.url,
+        30.0,
+    )
+    sent: List[str] = []
+
+    async def cycle() -> None:
+        inbox: asyncio.Queue[Dict[str, str]] = asyncio.Queue()
+        for kind in ("lifespan.startup", "lifespan.shutdown"):
+            inbox.put_nowait({"type": kind})
+
+        async def send(message: Any) -> None:
+            sent.append(message["type"])
+
+        await lifespan(app)({"type": "lifespan"}, inbox.get, send)
+
+    asyncio.run(cycle())
+    return sent
+
+
+@pytest.mark.parametrize("speaks_lifespan", [True, False], ids=["app-speaks-lifespan", "app-does-not"])
+def test_lifespan_wrapper_drains_after_the_apps_own_shutdown(
+    speaks_lifespan: bool, collector: Collector
+) -> None:
+    from cdpmp import analytics
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        analytics.track(user_id="u", event="Started", message_id="started")
+        if not speaks_lifespan:
+            raise RuntimeError("lifespan unsupported")
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                analytics.track(user_id="u", event="Stopping", message_id="stopping")
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    answered = _lifespan_messages(app, collector)
+    assert answered == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    # A 30 s upload interval: only the drain at shutdown can have sent these.
+    expected = ["started", "stopping"] if speaks_lifespan else ["started"]
+    assert sorted(collector.message_ids()) == expected
