@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional
 
 import pytest
+import trustme
 
 import cdpmp
 from cdpmp._outcome import INTERNAL_MARK
@@ -169,3 +171,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     added = sorted(set(after.splitlines()) - set(before.splitlines()))
     sys.stderr.write("\nthe test suite changed the working tree:\n" + "\n".join(added) + "\n")
     session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_collector(ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Collector]:
+    bundle = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))  # inherited by the servers
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(context)
+    with Collector(tls=context) as collector:
+        yield collector

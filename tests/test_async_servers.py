@@ -9,34 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import ssl
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, List
 
 import pytest
-import trustme
 
 from cdpmp.testing import Collector
 from tests.servers import Server, assert_exactly_once, free_port, load, server_env
 
 pytestmark = [pytest.mark.servers, pytest.mark.timeout(180)]
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
-def tls_collector(ca: trustme.CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Collector]:
-    bundle = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(bundle))
-    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))  # inherited by the servers
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(context)
-    with Collector(tls=context) as collector:
-        yield collector
 
 
 def _mode_env(mode: str, request: pytest.FixtureRequest) -> dict[str, str]:

@@ -68,3 +68,28 @@ def test_uwsgi_without_threads_warns_and_delivers_inline(tmp_path: Path, collect
     assert "uWSGI is running without enable-threads" in output
     assert len(ok) == 300, output[-5000:]
     assert_exactly_once(collector, ok, 3, import_events=1)
+
+
+@pytest.mark.parametrize("threads", [False, True], ids=["no-threads", "enable-threads"])
+def test_uwsgi_shared_mode_starts_its_uploader_over_https(
+    threads: bool, tmp_path: Path, tls_collector: Collector, runtime_dir: str
+) -> None:
+    # Under uWSGI sys.executable is the uwsgi binary: the uploader must be started
+    # with this environment's python, or nothing is delivered.
+    args = ["--enable-threads"] if threads else []
+    server = uwsgi(
+        tmp_path,
+        tls_collector,
+        *args,
+        APP_TRACK_AT_IMPORT="1",
+        CDP_MODE="shared",
+        CDP_RUNTIME_DIR=runtime_dir,
+    )
+    ok = load(server.port, 300, k=3)
+    server.stop(signal.SIGTERM)
+    output = server.output()
+    assert len(ok) == 300, output[-5000:]
+    assert [line for line in output.splitlines() if "cdpmp:" in line] == [], output[-5000:]
+    assert_exactly_once(tls_collector, ok, 3, import_events=1)
+    log = Path(runtime_dir, "uploader.log")
+    assert "Traceback" not in (log.read_text() if log.is_file() else "")

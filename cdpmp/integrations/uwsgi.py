@@ -21,6 +21,9 @@ What it does, and why:
   the workers' interpreter state invalid (they deadlock at exit — uWSGI issues 1149,
   1369). So the master starts no consumer: what it tracks (typically at import) is
   sent inline, once. Call ``setup()`` before anything tracks.
+* Shared mode (``CDP_MODE=shared``) works with the same line: the uploader is started
+  with this environment's ``python`` (under uWSGI ``sys.executable`` is the ``uwsgi``
+  binary), and no thread is needed, so the threads warning is not given.
 * Exit: chains ``uwsgi.atexit`` to drain within ``exit_timeout`` (``skip-atexit``
   disables Python's atexit, not this hook).
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
+from .._options import env_mode
 from .._process import PROCESS
 
 logger = logging.getLogger("cdpmp")
@@ -74,7 +78,8 @@ def setup(uwsgi_module: Optional[Any] = None) -> bool:
     _done = True
     opt = getattr(uwsgi_module, "opt", {})
     if not _threads_enabled(opt):
-        logger.warning(THREADS_WARNING)
+        if env_mode() != "shared":  # shared mode needs no thread to deliver
+            logger.warning(THREADS_WARNING)
         PROCESS.disable_threads()
     worker_id = getattr(uwsgi_module, "worker_id", lambda: 1)
     if worker_id() == 0:
