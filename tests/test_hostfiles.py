@@ -291,3 +291,26 @@ def test_an_uploader_whose_pid_means_nothing_here_is_still_seen_alive(
         assert collector.unique_ids() == {"x0", *ids} and collector.duplicates() == {}
     finally:
         client.shutdown(timeout=5)
+
+
+def test_foreground_uploader_runs_until_stopped_and_only_the_auto_one_exits_idle(runtime_dir: str) -> None:
+    env = {**os.environ, "CDP_RUNTIME_DIR": runtime_dir, "CDP_UPLOADER_IDLE_EXIT": "0"}
+    os.makedirs(runtime_dir, mode=0o700)
+    auto = subprocess.Popen(
+        [sys.executable, "-m", "cdpmp.shared.uploader", "--auto", "--dir", runtime_dir],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _, err = auto.communicate(timeout=30)  # idle, no producer: leaves, and says why
+    assert auto.returncode == 0 and "idle for 0 s with no live producer; exiting" in err
+    service = subprocess.Popen(
+        [sys.executable, "-m", "cdpmp", "uploader", "--dir", runtime_dir], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        with pytest.raises(subprocess.TimeoutExpired):
+            service.wait(3.0)  # systemd or a sidecar: idle exit never applies
+    finally:
+        service.terminate()
+        _, err = service.communicate(timeout=30)
+    assert service.returncode == 0 and "exiting" not in err
