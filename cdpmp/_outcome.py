@@ -199,6 +199,23 @@ class Ledger:
         self.dropped: Dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
         self.inherited_discarded = 0
         self.last_error: Optional[str] = None
+        self._reported = 0  # losses already summed up by report_losses()
+
+    def report_losses(self) -> None:
+        """One WARNING with the total given up and the reasons, if it grew since the
+        last report (called at every shutdown, so at every exit path we drain on)."""
+        with self.lock:
+            total = sum(self.dropped.values())
+            if total <= self._reported:
+                return
+            self._reported = total
+            reasons = ", ".join(f"{n} {why}" for why, n in self.dropped.items() if n)
+        logger.warning(
+            "cdpmp: process %d gave up %d event(s) in total (%s); see stats()['dropped']",
+            os.getpid(),
+            total,
+            reasons,
+        )
 
     def delivered(self, count: int) -> None:
         with self.lock:

@@ -307,8 +307,12 @@ class Client:
     def shutdown(self, timeout: Optional[float] = None) -> bool:
         """Flush within ``timeout`` seconds, then stop the consumer. What is still
         queued at the deadline is counted as ``dropped['shutdown']`` and reported to
-        ``on_error``. A later call restarts the consumer. Returns True if drained."""
-        return self._sink.shutdown(DEFAULT_FLUSH_TIMEOUT if timeout is None else timeout)
+        ``on_error``. A later call restarts the consumer. Returns True if drained.
+        Every loss since the last shutdown is summed up in one WARNING line (the
+        per-reason warnings at the time are rate-limited)."""
+        drained = self._sink.shutdown(DEFAULT_FLUSH_TIMEOUT if timeout is None else timeout)
+        self._ledger.report_losses()
+        return drained
 
     def join(self, timeout: Optional[float] = None) -> bool:
         """The official client's ``join``: here the same as :meth:`shutdown` (it also

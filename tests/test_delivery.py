@@ -325,3 +325,30 @@ def test_settings_change_after_first_call_takes_effect(collector: Collector) -> 
         assert [m["event"] for m in collector.messages] == ["to-first"]
         assert [m["event"] for m in other.messages] == ["to-second"]
         assert other.requests[0].content_encoding == "gzip"
+
+
+def test_every_loss_is_summed_up_at_exit_without_any_logging_setup(collector: Collector) -> None:
+    """Losses are warned about as they happen (rate-limited per reason), and the exit
+    names the full total with its reasons, through Python's default handler alone."""
+    from cdpmp.testing import Conditions
+
+    collector.set_conditions(Conditions(fault_rate=1.0, fault_status=400, seed=1))
+    script = f"""
+        import cdpmp
+        client = cdpmp.Client({collector.write_key!r}, endpoint={collector.url!r}, upload_size=10,
+                              upload_interval=30)
+        for i in range(250):
+            client.track("u", "E", message_id=f"m{{i}}")
+        assert client.flush(10)
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("cdpmp:")]
+    # the first rejection as it happens (a 400 batch is split to find the bad
+    # messages; the rest fall within the rate limit), then the exit total
+    assert len(lines) == 2, lines
+    assert "event(s) given up (rejected): [cdp] fault: scripted fault (400)" in lines[0]
+    assert "gave up 250 event(s) in total (250 rejected)" in lines[1]
+    assert collector.message_ids() == []

@@ -305,7 +305,10 @@ def test_foreground_uploader_runs_until_stopped_and_only_the_auto_one_exits_idle
     _, err = auto.communicate(timeout=30)  # idle, no producer: leaves, and says why
     assert auto.returncode == 0 and "idle for 0 s with no live producer; exiting" in err
     service = subprocess.Popen(
-        [sys.executable, "-m", "cdpmp", "uploader", "--dir", runtime_dir], env=env, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-m", "cdpmp", "uploader", "--dir", runtime_dir],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         with pytest.raises(subprocess.TimeoutExpired):

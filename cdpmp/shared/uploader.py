@@ -154,7 +154,9 @@ class Uploader(Dispatch):
         self.ring.set_uploader(0, 0.0)
         head, tail, _ = self.ring.bounds()
         if head == tail:
-            logger.info("cdpmp uploader: idle for %.0f s with no live producer; exiting", self.idle_exit or 0.0)
+            logger.info(
+                "cdpmp uploader: idle for %.0f s with no live producer; exiting", self.idle_exit or 0.0
+            )
             return True
         me = psutil.Process()
         self.ring.set_uploader(me.pid, me.create_time())
