@@ -1,14 +1,12 @@
 """Direct mode, the default (a :class:`cdpmp._sink.Sink`): a bounded in-process queue and
 ONE daemon consumer thread, started on the first ``put`` in a process (never at import
-or construction, so a pre-fork master that never tracks stays thread-free). All its
-state is stamped with the pid that built it; ``put``/``flush`` compare the stamp
-(≈0.1 µs) and rebuild everything in a child, including after a C-level ``fork()``
-that ran no Python hook (uWSGI). The child DROPS what it inherited: the parent still
-owns and sends those messages, so sending them again would duplicate them.
+or construction: a master that never tracks stays thread-free). State is stamped with
+its pid; ``put``/``flush`` compare it (≈0.1 µs) and rebuild in a child, also after a C
+``fork()`` that ran no Python hook (uWSGI). The child DROPS what it inherited: the
+parent owns and sends those messages.
 
-The consumer sleeps until ``upload_interval`` seconds after the first waiting message,
-or until a batch fills (by count or by the 500 KB request limit), or a flush or
-shutdown asks. Producers only wake it on those transitions, never per message.
+The consumer sleeps until ``upload_interval`` after the first waiting message, a full
+batch (count or 500 KB), or a flush; producers wake it on those transitions only.
 
 Delivery goes through the engine (:mod:`cdpmp._engine`): one request at a time, sent by
 the consumer, until a backlog grows the lane onto sender threads (up to
@@ -27,6 +25,7 @@ import time
 from typing import Callable, Deque, List, Optional, Set
 
 from ._engine import Held, Lane, Outcome, Workers, deliver, partition, take_batch
+from ._handoff import send_later
 from ._options import Settings
 from ._outcome import HostStats, Ledger, internal_error
 from ._process import PROCESS
@@ -41,6 +40,7 @@ class DirectSink:
     """Bounded queue + lazily started consumer thread, per process."""
 
     mode = "direct"
+    host: Callable[[], Optional[HostStats]] = staticmethod(lambda: None)  # no host-wide view
 
     def __init__(self, settings: Settings, ledger: Ledger) -> None:
         self._settings = settings
@@ -48,8 +48,7 @@ class DirectSink:
         self.transport = Transport(settings)
         self._init_process_state()
 
-    def _init_process_state(self) -> None:
-        # Fresh objects only: a lock inherited mid-acquire would deadlock the child.
+    def _init_process_state(self) -> None:  # fresh locks: never one inherited mid-acquire
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
@@ -93,17 +92,12 @@ class DirectSink:
     def depth(self) -> int:
         return len(self._queue) + self._held_count + self._in_flight
 
-    def host(self) -> Optional[HostStats]:
-        return None
-
     def _empty_locked(self) -> bool:
         return not self._queue and not self._held and self._in_flight == 0
 
-    # -- producer side -------------------------------------------------------------
-
     def put(self, data: bytes) -> Optional[DeliveryError]:
         if self._pid != os.getpid():
-            self._here()
+            self._here()  # first call in this process
         settings = self._settings
         start: Optional[threading.Thread] = None
         with self._lock:
@@ -136,8 +130,8 @@ class DirectSink:
             return MessageRejected(
                 "queue_full", f"the queue holds {n + held} messages ({held} kept for retrying)"
             )
-        if inline:  # no consumer thread can run here: send the due batch ourselves
-            self._drain_inline(time.monotonic() + settings.timeout, hold_back=True)
+        if inline and not self._drain_inline(PROCESS.inline_deadline(settings.timeout), True):
+            self._hand_off()  # no consumer can run here, and the due batch failed
         elif wake:
             self._wake.set()
         return None
@@ -152,6 +146,11 @@ class DirectSink:
         self._thread = threading.Thread(target=self._run, name="cdpmp-consumer", daemon=True)
         return self._thread
 
+    def _stop_threads_locked(self) -> None:
+        self._thread, workers, self._workers = None, self._workers, None
+        if workers is not None:
+            workers.close()
+
     def _launch(self, thread: threading.Thread) -> None:
         try:
             thread.start()
@@ -159,8 +158,6 @@ class DirectSink:
             with self._lock:
                 if self._thread is thread:
                     self._thread = None
-
-    # -- consumer side -------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
@@ -178,10 +175,7 @@ class DirectSink:
         now = time.monotonic()
         with self._lock:
             if self._stopping and self._empty_locked():
-                self._thread = None
-                if self._workers is not None:
-                    self._workers.close()
-                    self._workers = None
+                self._stop_threads_locked()
                 return False
             jobs = []
             while self._lane.slots(now) > 0:
@@ -287,14 +281,11 @@ class DirectSink:
             self._idle.notify_all()
         self._wake.set()
 
-    # -- flush / shutdown ----------------------------------------------------------
-    # Every wait below is bounded by the caller's deadline, lock acquisition included:
-    # flush() may run in a signal handler that interrupted this same thread inside
-    # put(), holding the (non-reentrant) lock; it then answers False at its deadline.
-
     def flush(self, timeout: float) -> bool:
-        if self._pid != os.getpid():
-            self._here()
+        """Every wait is bounded by the deadline, lock acquisition included: flush() may
+        run in a signal handler that interrupted ``put()`` in this same thread, holding
+        the (non-reentrant) lock; it then answers False at its deadline."""
+        self._here()
         start: Optional[threading.Thread] = None
         deadline = time.monotonic() + timeout
         if not self._lock.acquire(timeout=max(0.0, timeout)):
@@ -331,9 +322,8 @@ class DirectSink:
         return True
 
     def _drain_inline(self, deadline: float, hold_back: bool) -> bool:
-        """Send from the calling thread (no consumer could be started), one request
-        at a time. ``hold_back``: return at once while the endpoint is backed off (a
-        request path must not sleep); otherwise wait out the backoff until ``deadline``."""
+        """Send on the calling thread (no consumer runs here), one request at a time.
+        ``hold_back``: return at once while backed off (a request must not sleep)."""
         while True:
             now = time.monotonic()
             with self._lock:
@@ -348,17 +338,33 @@ class DirectSink:
                 return False
             time.sleep(pause)
 
+    def _hand_off(self) -> None:
+        """What a threadless master could not send goes to the host's uploader."""
+        with self._lock:
+            items = self._take_everything_locked() if PROCESS.threadless_here() else []
+        if items and not send_later(self._settings, self._ledger, items):
+            with self._lock:  # shared mode unavailable: keep them, try at the next call
+                self._queue.extend(items)
+                self._queued_bytes += sum(len(m) + 1 for m in items)
+
+    def _take_everything_locked(self) -> List[bytes]:
+        """Empty the held batches and the queue; their messages, oldest first."""
+        items = [m for held in self._held for m in held.items] + list(self._queue)
+        self._queue.clear()
+        self._held.clear()
+        self._queued_bytes = self._held_count = 0
+        return items
+
     def retire(self) -> None:
-        """Send what is queued soon, then let the consumer exit and close its socket
-        (a client replaced by new module settings). Never waits."""
+        """Send what is queued soon, then let the consumer exit (and close its socket):
+        a client replaced by new module settings. Never waits."""
         if self._pid != os.getpid():
             return
         with self._lock:
             self._urgent = self._stopping = self._retiring = True
         self._wake.set()
 
-    def retired(self) -> bool:
-        """True once a retired sink holds nothing and runs no thread."""
+    def retired(self) -> bool:  # a retired sink that holds nothing and runs no thread
         return self._retiring and self._thread is None and self._empty_locked()
 
     def shutdown(self, timeout: float) -> bool:
@@ -376,20 +382,12 @@ class DirectSink:
             self.transport.cancel()  # requests in progress end at their next socket call
             self._await(lambda: not self._flying, time.monotonic() + 0.5)
         with self._lock:
-            leftover = list(self._queue)
-            for held in self._held:
-                leftover.extend(held.items)
+            leftover = self._take_everything_locked()
             for job in self._flying:  # still in flight: whatever it answers, we are done
                 leftover.extend(job.items)
                 self._in_flight -= len(job.items)
-            self._queue.clear()
-            self._held.clear()
             self._flying.clear()
-            self._queued_bytes = self._held_count = 0
-            self._thread = None
-            if self._workers is not None:
-                self._workers.close()
-                self._workers = None
+            self._stop_threads_locked()
             self._idle.notify_all()
         self._wake.set()  # the consumer finds nothing left and exits
         if thread is not None and thread is not threading.current_thread():

@@ -33,6 +33,8 @@ from typing import List, Optional, Protocol
 
 from ._options import Settings
 
+BOOT_BUDGET = 1.0  # seconds a threadless master's inline send may take (see inline_deadline)
+
 
 class Member(Protocol):
     """What the process registry needs from a client."""
@@ -92,6 +94,15 @@ class ProcessState:
 
     def threadless_here(self) -> bool:
         return self._threadless_pid == os.getpid()
+
+    def inline_deadline(self, timeout: float) -> float:
+        """When a batch sent on the calling thread (no consumer can run) must end. A
+        threadless master sends what it tracks while it boots (at import): never let
+        an endpoint that is down or slow hold the boot for a whole ``timeout``; a
+        failed batch is held and tried again at the next call or at exit."""
+        if self.threadless_here():
+            timeout = min(timeout, BOOT_BUDGET)
+        return time.monotonic() + timeout
 
     def may_start_thread(self) -> bool:
         return self.threads_available and self._threadless_pid != os.getpid()

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from cdpmp.testing import Collector
+from cdpmp.prometheus import read_counters
+from cdpmp.testing import Collector, Conditions, Outage
 from tests.servers import BIN, Server, assert_exactly_once, free_port, load, server_env
 
 pytestmark = [pytest.mark.servers, pytest.mark.timeout(180)]
@@ -93,3 +94,29 @@ def test_uwsgi_shared_mode_starts_its_uploader_over_https(
     assert_exactly_once(tls_collector, ok, 3, import_events=1)
     log = Path(runtime_dir, "uploader.log")
     assert "Traceback" not in (log.read_text() if log.is_file() else "")
+
+
+def test_master_tracking_at_import_boots_while_the_endpoint_hangs(
+    tmp_path: Path, collector: Collector, runtime_dir: str
+) -> None:
+    # The endpoint takes every connection and never answers. The master (threadless:
+    # workers are forked from C) sends its import-time event inline: it must give up
+    # within its boot budget, not block boot for CDP_TIMEOUT (60 s, beyond the 30 s
+    # readiness deadline). After boot it runs no Python, not even at exit, so it hands
+    # the event to the host's uploader, which delivers it once the endpoint is back.
+    collector.set_conditions(Conditions(latency=120, outages=(Outage(0, 3600, None),)))
+    server = uwsgi(
+        tmp_path,
+        collector,
+        "--enable-threads",
+        APP_TRACK_AT_IMPORT="1",
+        CDP_TIMEOUT="60",
+        CDP_RUNTIME_DIR=runtime_dir,
+    )
+    collector.set_conditions(Conditions())
+    ok = load(server.port, 100, k=3)
+    server.stop(signal.SIGTERM)
+    assert len(ok) == 100, server.output(5000)
+    assert_exactly_once(collector, ok, 3, import_events=1)
+    _, host = read_counters(runtime_dir)  # the one event went through the host's ring
+    assert host is not None and (host["accepted"], host["sent"]) == (1, 1)
