@@ -1,5 +1,5 @@
-"""The servers people deploy beyond sync workers: gunicorn's gevent workers, Uvicorn
-(alone and under gunicorn's ``UvicornWorker``) and uWSGI in shared mode, each with the
+"""The servers people deploy beyond sync workers: gunicorn's gevent workers, eventlet,
+Uvicorn (alone and under gunicorn's ``UvicornWorker``; uWSGI's are in test_uwsgi), each with the
 collector behind TLS as the real endpoint is (a CA made at test time, trusted through
 ``SSL_CERT_FILE``). Every event of every answered request arrives exactly once after
 a graceful stop, counted by messageId.
@@ -8,8 +8,11 @@ a graceful stop, counted by messageId.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -151,3 +154,34 @@ def test_lifespan_wrapper_drains_after_the_apps_own_shutdown(
     # A 30 s upload interval: only the drain at shutdown can have sent these.
     expected = ["started", "stopping"] if speaks_lifespan else ["started"]
     assert sorted(collector.message_ids()) == expected
+
+
+@pytest.mark.parametrize("mode", ["direct", "shared"])
+def test_eventlet_patched_after_cdpmp_was_imported_over_https(
+    mode: str, tls_collector: Collector, request: pytest.FixtureRequest
+) -> None:
+    # gunicorn 27 dropped its eventlet worker; eventlet apps patch at startup like this,
+    # often after a settings module already imported cdpmp (hence urllib3 and ssl).
+    script = f"""
+        import cdpmp
+        import eventlet
+        eventlet.monkey_patch()
+        client = cdpmp.Client({tls_collector.write_key!r}, endpoint={tls_collector.url!r}, upload_interval=0.05)
+        def work(g):
+            for j in range(50):
+                assert client.track("u", "E", message_id=f"m{{g}}-{{j}}")[0]
+                eventlet.sleep(0)
+        pool = eventlet.GreenPool()
+        for g in range(10):
+            pool.spawn(work, g)
+        pool.waitall()
+        assert client.flush(30)
+    """
+    env = {**os.environ, **_mode_env(mode, request)}
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=90, env=env
+    )
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert [line for line in done.stderr.splitlines() if "cdpmp" in line] == [], done.stderr[-5000:]
+    assert tls_collector.wait_for(500, timeout=30)
+    assert sorted(tls_collector.message_ids()) == sorted(f"m{g}-{j}" for g in range(10) for j in range(50))
