@@ -32,7 +32,7 @@ import re
 import typing
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from .errors import ConfigurationError, InvalidArgumentType, UnknownOption
+from .errors import ConfigurationError, InvalidArgumentType, MissingWriteKey, UnknownOption
 
 US_ENDPOINT = "https://cdp.customer.io"
 EU_ENDPOINT = "https://cdp-eu.customer.io"
@@ -332,9 +332,7 @@ def resolve(given: Mapping[str, Any], env: Optional[Mapping[str, str]] = None) -
     values = {f.name: _value(f, _HINTS, given, env) for f in FIELDS}
     key = values["write_key"]
     if not key:
-        raise ConfigurationError(
-            "write_key", "is required: pass write_key= or set the CDP_WRITE_KEY environment variable"
-        )
+        raise MissingWriteKey()
     # Keys read from secret files often end in a newline; http.client would reject
     # the header with an error that quotes the whole key.
     key = values["write_key"] = key.strip()
@@ -344,7 +342,9 @@ def resolve(given: Mapping[str, Any], env: Optional[Mapping[str, str]] = None) -
     if not url:
         region = REGION_KEY.match(key)
         url = EU_ENDPOINT if region and region.group(2) == "eu" else US_ENDPOINT
-    if not url.startswith(("http://", "https://")):
+    if "://" not in url:  # "cdp.customer.io": the official client takes it too
+        url = "https://" + url
+    elif not url.startswith(("http://", "https://")):
         raise ConfigurationError("endpoint", "must start with http:// or https://")
     values["endpoint"] = url.rstrip("/")
     if values["mode"] not in MODES:

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional
 from ._options import MODULE_SETTINGS
 from ._outcome import Stats
 from .client import Client, Result
+from .errors import ConfigurationError
 
 # The settings users assign (``analytics.write_key = ...``), derived from the one
 # options table: ``None`` means "from the environment, else the default".
@@ -107,6 +108,10 @@ def alias(*args: Any, **kwargs: Any) -> Result:
 
 
 def _each(method: str, timeout: Optional[float]) -> bool:
+    try:  # as the official module does, build the default client from the settings
+        _client()
+    except ConfigurationError:
+        pass  # no write key anywhere: nothing can have been queued
     clients = list(_retired) + ([default_client] if default_client is not None else [])
     done = all([getattr(c, method)(timeout) for c in clients])
     _retired[:] = [c for c in _retired if not c._retired()]

@@ -11,8 +11,9 @@ logged (rate-limited) and reported to ``on_error``. Wrong argument types raise
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
+from ._compat import ConsumerView, QueueView, other_region
 from ._direct import DirectSink
 from ._message import (
     MAX_MESSAGE_BYTES,
@@ -25,7 +26,13 @@ from ._message import (
     serialize,
     text,
 )
-from ._options import CLIENT_SIGNATURE, FIELDS, Settings, collect, resolve
+from ._options import (
+    CLIENT_SIGNATURE,
+    FIELDS,
+    Settings,
+    collect,
+    resolve,
+)
 from ._outcome import DropReason, Ledger, Stats
 from ._process import PROCESS
 from ._sink import Sink, SyncSink
@@ -59,10 +66,17 @@ class Client:
     (``client.host``, ``client.upload_size``...), as on the official client.
     """
 
+    log = logger  # the official client's ``client.log``: here the ``cdpmp`` logger
+
     def __init__(self, *args: Any, **options: Any) -> None:
-        self.settings: Settings = resolve(collect(args, options))
+        given = collect(args, options)
+        self.settings: Settings = resolve(given)
+        self._host = given.get("endpoint")  # ``client.host``: as given, like the official client
         if self.settings.debug:
             logger.setLevel(logging.DEBUG)
+        mismatch = other_region(self.settings)
+        if mismatch:
+            logger.warning("cdpmp: %s", mismatch)
         self._ledger = Ledger(self.settings.on_error)
         self._sink: Sink = self._make_sink()
         PROCESS.register(self)
@@ -72,10 +86,23 @@ class Client:
         settings = self.__dict__.get("settings")
         if settings is not None:
             if name == "host":
-                return settings.endpoint
+                return self.__dict__.get("_host") or settings.endpoint
             if name in _OPTION_NAMES:
                 return getattr(settings, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    @property
+    def queue(self) -> QueueView:
+        """The queue as code written for the official client reads it (there a
+        ``queue.Queue``): ``qsize()``, ``empty()``, ``full()``, ``maxsize``."""
+        return QueueView(self.settings, self._sink)
+
+    @property
+    def consumers(self) -> List[ConsumerView]:
+        """The official client's consumer threads, as read-only views: none in
+        ``sync_mode``, else one (direct mode's consumer; in shared mode delivery
+        runs in the uploader, so it is never alive here)."""
+        return [] if self.settings.sync_mode else [ConsumerView(self.settings, self._sink)]
 
     def _make_sink(self) -> Sink:
         if self.settings.sync_mode:
@@ -269,11 +296,11 @@ class Client:
             # A new dict: the caller's context is never mutated.
             "context": _with_library(_NO_CONTEXT if context is None else mapping("context", context)),
             "integrations": {} if integrations is None else mapping("integrations", integrations),
+            # Both keys always, None when not given, as the official client sends them:
+            # code written for it reads msg["anonymousId"] without a default.
+            "userId": uid,
+            "anonymousId": aid,
         }
-        if uid is not None:
-            msg["userId"] = uid
-        if aid is not None:
-            msg["anonymousId"] = aid
         return msg
 
     def _enqueue(self, msg: Dict[str, Any]) -> Result:

@@ -74,6 +74,17 @@ class ConfigurationError(CdpmpError, ValueError):
         super().__init__(f"{setting}: {reason}")
 
 
+class MissingWriteKey(ConfigurationError, AssertionError):
+    """No write key given nor in ``CDP_WRITE_KEY``. Also an ``AssertionError``: the
+    official client raises that (from its ``require()``), and code written for it
+    may catch it."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "write_key", "is required: pass write_key= or set the CDP_WRITE_KEY environment variable"
+        )
+
+
 class DeliveryError(CdpmpError):
     """A batch or message could not be delivered; handed to ``on_error``.
 
