@@ -20,16 +20,23 @@ from . import __version__
 from ._options import ENV
 
 
+class UserError(Exception):
+    """A mistake on the command line: one line on stderr, exit status 2."""
+
+
 def _read_key(args: argparse.Namespace) -> Optional[str]:
     if args.write_key_file:
-        with open(args.write_key_file, encoding="utf-8") as fh:
-            return fh.read().strip()
+        try:
+            with open(args.write_key_file, encoding="utf-8") as fh:
+                return fh.read().strip()
+        except OSError as exc:
+            raise UserError(f"cannot read --write-key-file {args.write_key_file}: {exc.strerror}") from None
     return args.write_key or os.environ.get(ENV["write_key"])
 
 
-def _demo_events(analytics: Any, worker: int, count: int) -> int:
-    """Track a realistic mix; returns how many calls returned success."""
-    ok = 0
+def _demo_events(analytics: Any, worker: int, count: int) -> List[str]:
+    """``count`` calls of a realistic mix; the messageIds of those accepted."""
+    accepted: List[str] = []
     user = f"user-{worker}"
     calls: List[Callable[[], Tuple[bool, Dict[str, Any]]]] = [
         lambda: analytics.identify(
@@ -41,10 +48,12 @@ def _demo_events(analytics: Any, worker: int, count: int) -> int:
         lambda: analytics.screen(user, "App", "Settings"),
         lambda: analytics.alias(f"anon-{worker}", user),
     ]
-    for call in calls:
-        ok += int(call()[0])
+    for call in calls[:count]:
+        success, msg = call()
+        if success:
+            accepted.append(msg["messageId"])
     for i in range(max(0, count - len(calls))):
-        success, _ = analytics.track(
+        success, msg = analytics.track(
             user_id=user,
             event="Order Completed",
             properties={
@@ -55,37 +64,47 @@ def _demo_events(analytics: Any, worker: int, count: int) -> int:
                 "at": _dt.date.today(),
             },
         )
-        ok += int(success)
-    return ok
+        if success:
+            accepted.append(msg["messageId"])
+    return accepted
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import collections
+    import tempfile
+
     from . import analytics
     from .testing import Collector
 
-    with Collector(write_key="demo-key") as collector:
+    if args.workers < 0 or args.events < 0:
+        raise UserError("--workers and --events must be 0 or more")
+    with Collector(write_key="demo-key") as collector, tempfile.TemporaryDirectory() as scratch:
         # Module settings are derived from the options table, so set them by name.
         for name, value in (("write_key", collector.write_key), ("endpoint", collector.url)):
             setattr(analytics, name, value)
         if args.mode:
             os.environ[ENV["mode"]] = args.mode
         print(
-            f"cdpmp {__version__} demo: collector on {collector.url}, "
-            f"{args.workers or 1} process(es) x {args.events} events, mode={args.mode or 'direct'}"
+            f"cdpmp {__version__} demo: collector on {collector.url}, mode={args.mode or 'direct'}: "
+            f"1 event from the master, then {args.workers or 1} process(es) x {args.events} events"
         )
         # The master tracks before forking, as a --preload app would.
-        accepted = int(analytics.track(user_id="master", event="Server Started")[0])
+        ok, msg = analytics.track(user_id="master", event="Server Started")
+        accepted = [msg["messageId"]] if ok else []
         oversize = analytics.track(user_id="master", event="Too Big", properties={"blob": "x" * 40000})
         print(f"  oversize message: accepted={oversize[0]} (rejected, counted, never raised)")
+        failed = 0
         if args.workers:
-            accepted += _fork_workers(analytics, args.workers, args.events)
+            ids, failed = _fork_workers(analytics, args.workers, args.events, scratch)
+            accepted += ids
         else:
             accepted += _demo_events(analytics, 0, args.events)
         drained = analytics.flush(timeout=30)
-        collector.wait_for(accepted, timeout=30)
+        collector.wait_for(len(accepted), timeout=30)
         summary = collector.summary()
+        received = collections.Counter(collector.message_ids())
         stats = analytics.stats()
-    print(f"  accepted by track()/identify()/...: {accepted}")
+    print(f"  accepted by track()/identify()/...: {len(accepted)}")
     print(
         f"  collector received: {summary['messages']} messages ({summary['unique']} unique, "
         f"{summary['duplicates']} duplicates) in {summary['requests']} requests {summary['statuses']}"
@@ -101,9 +120,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
         _stop_demo_uploader()
     else:
         print(f"  this process: sent={stats['sent']} batches={stats['batches']} dropped={stats['dropped']}")
-    ok = drained and summary["unique"] == accepted and summary["duplicates"] == 0
-    print("  result:", "all events arrived exactly once" if ok else "MISMATCH")
-    return 0 if ok else 1
+    return _verdict(accepted, received, failed, drained)
+
+
+def _verdict(accepted: List[str], received: Dict[str, int], failed: int, drained: bool) -> int:
+    """Compare what track() accepted with what arrived, by messageId."""
+    missing = set(accepted) - set(received)
+    extra = set(received) - set(accepted)
+    duplicated = [m for m, n in received.items() if n > 1]
+    problems = [
+        f"{n} {what}"
+        for n, what in (
+            (failed, "worker process(es) failed"),
+            (len(missing), "accepted event(s) never arrived"),
+            (len(duplicated), "event(s) arrived more than once"),
+            (len(extra), "unexpected event(s) arrived"),
+            (0 if drained else 1, "flush did not finish"),
+        )
+        if n
+    ]
+    if problems:
+        print("  result: FAILED: " + "; ".join(problems), file=sys.stderr)
+        return 1
+    print(f"  result: all {len(accepted)} accepted events arrived exactly once")
+    return 0
 
 
 def _stop_demo_uploader() -> None:
@@ -116,15 +156,19 @@ def _stop_demo_uploader() -> None:
         ring.close()
 
 
-def _fork_workers(analytics: Any, workers: int, events: int) -> int:
+def _fork_workers(analytics: Any, workers: int, events: int, scratch: str) -> Tuple[List[str], int]:
+    """Fork ``workers`` processes that each track ``events``: (the messageIds they
+    accepted, how many workers failed). Each child writes its ids to a file."""
     pids: List[int] = []
     for worker in range(1, workers + 1):
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
             code = 1
             try:
-                sent = _demo_events(analytics, worker, events)
-                code = 0 if sent == events and analytics.shutdown(timeout=20) else 1
+                ids = _demo_events(analytics, worker, events)
+                with open(os.path.join(scratch, f"{worker}.ids"), "w", encoding="utf-8") as out:
+                    out.write("\n".join(ids))
+                code = 0 if analytics.shutdown(timeout=20) else 1
             finally:
                 os._exit(code)
         pids.append(pid)
@@ -141,8 +185,14 @@ def _fork_workers(analytics: Any, workers: int, events: int) -> int:
                 failures += 1
                 break
             time.sleep(0.05)
+    accepted: List[str] = []
+    for worker in range(1, workers + 1):
+        path = os.path.join(scratch, f"{worker}.ids")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as fh:
+                accepted += [line for line in fh.read().split("\n") if line]
     print(f"  {workers} forked workers finished ({failures} failed)")
-    return (workers - failures) * events
+    return accepted, failures
 
 
 def cmd_collector(args: argparse.Namespace) -> int:
@@ -151,7 +201,8 @@ def cmd_collector(args: argparse.Namespace) -> int:
     def show(msg: Dict[str, Any]) -> None:
         print(json.dumps(msg, sort_keys=True), flush=True)
 
-    key = _read_key(args) or "test-write-key"
+    given = _read_key(args)
+    key = given or "test-write-key"
     try:
         conditions = Conditions(
             latency=args.latency,
@@ -164,6 +215,19 @@ def cmd_collector(args: argparse.Namespace) -> int:
         return 2
     with Collector(write_key=key, port=args.port, on_message=show, conditions=conditions) as collector:
         print(f"collector listening on {collector.url} (POST /v1/batch); Ctrl-C stops", flush=True)
+        if given:  # never print a real key: its last characters identify it
+            source = (
+                "--write-key-file"
+                if args.write_key_file
+                else "--write-key"
+                if args.write_key
+                else ENV["write_key"]
+            )
+            print(f"accepts the write key from {source} (ending ...{key[-4:]})", flush=True)
+        else:
+            print(
+                f"accepts write key {key!r} (the default; set {ENV['write_key']} to choose one)", flush=True
+            )
         if conditions != Conditions():
             print(f"network conditions: {conditions}", flush=True)
         try:
@@ -176,18 +240,47 @@ def cmd_collector(args: argparse.Namespace) -> int:
 
 def cmd_track(args: argparse.Namespace) -> int:
     from .client import Client
+    from .errors import CdpmpError
 
     key = _read_key(args)
     if not key:
-        print("cdpmp track: no write key (use --write-key-file or CDP_WRITE_KEY)", file=sys.stderr)
-        return 2
-    properties = json.loads(args.properties) if args.properties else None
-    client = Client(key, endpoint=args.endpoint, sync_mode=True)
+        raise UserError(f"no write key (use --write-key-file or {ENV['write_key']})")
+    if not args.user_id and not args.anonymous_id:
+        raise UserError("give --user-id or --anonymous-id")
+    properties = None
+    if args.properties:
+        try:
+            properties = json.loads(args.properties)
+        except ValueError as exc:
+            raise UserError(f"--properties is not valid JSON: {exc}") from None
+        if not isinstance(properties, dict):
+            raise UserError(f"--properties must be a JSON object, got {type(properties).__name__}")
+    if not args.timeout > 0:
+        raise UserError("--timeout must be more than 0")
+    errors: List[str] = []
+    try:
+        client = Client(
+            key,
+            endpoint=args.endpoint,
+            sync_mode=True,
+            timeout=args.timeout,
+            on_error=lambda error, _: errors.append(str(error)),
+        )
+    except CdpmpError as exc:
+        raise UserError(str(exc)) from None
+    url = client.settings.batch_url
+    print(f"sending to {url} (up to {args.timeout:g} s)", file=sys.stderr, flush=True)
     ok, msg = client.track(
         user_id=args.user_id, anonymous_id=args.anonymous_id, event=args.event, properties=properties
     )
-    print(f"{'sent' if ok else 'FAILED'}: messageId={msg['messageId']}")
-    return 0 if ok else 1
+    if ok:
+        print(f"sent: messageId={msg['messageId']}")
+        return 0
+    reason = "; ".join(errors) or "refused"
+    print(
+        f"cdpmp track: FAILED, messageId={msg['messageId']} not delivered to {url}: {reason}", file=sys.stderr
+    )
+    return 1
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -255,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     track.add_argument("--anonymous-id")
     track.add_argument("--event", required=True)
     track.add_argument("--properties", help="JSON object")
+    track.add_argument("--timeout", type=float, default=15.0, help="seconds to keep trying (default 15)")
     track.set_defaults(func=cmd_track)
 
     stats = sub.add_parser("stats", help="print the host-wide shared-mode counters (ring and uploader)")
@@ -276,7 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except UserError as exc:
+        print(f"cdpmp {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -62,4 +62,110 @@ def test_track_without_a_key_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_demo_reports_every_event_arriving_exactly_once(workers: str) -> None:
     out = _cdpmp("demo", "--workers", workers, "--events", "20")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "all events arrived exactly once" in out.stdout
+    assert "accepted events arrived exactly once" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--event", "E"], "cdpmp track: give --user-id or --anonymous-id"),
+        (
+            ["--event", "E", "--user-id", "u", "--properties", "{bad"],
+            "cdpmp track: --properties is not valid JSON",
+        ),
+        (
+            ["--event", "E", "--user-id", "u", "--properties", "[1]"],
+            "--properties must be a JSON object, got list",
+        ),
+        (
+            ["--event", "E", "--user-id", "u", "--endpoint", "ftp://x"],
+            "endpoint: must start with http:// or https://",
+        ),
+        (["--event", "E", "--user-id", "u", "--timeout", "0"], "cdpmp track: --timeout must be more than 0"),
+        (
+            ["--event", "E", "--user-id", "u", "--write-key-file", "/nonexistent/key"],
+            "cannot read --write-key-file /nonexistent/key: No such file or directory",
+        ),
+    ],
+    ids=["no-user-id", "bad-json", "not-an-object", "bad-endpoint", "bad-timeout", "missing-key-file"],
+)
+def test_track_answers_each_mistake_with_one_line_and_status_2(args: list[str], message: str) -> None:
+    out = _cdpmp("track", *args, env={"CDP_WRITE_KEY": "k"})
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        next(line for line in out.stderr.splitlines() if message in line)
+    ]
+    assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+def test_track_names_the_endpoint_it_waits_on_and_why_it_failed() -> None:
+    from tests.servers import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    out = _cdpmp(
+        "track",
+        "--event",
+        "E",
+        "--user-id",
+        "u",
+        "--endpoint",
+        url,
+        "--timeout",
+        "1",
+        env={"CDP_WRITE_KEY": "k"},
+    )
+    assert out.returncode == 1
+    lines = out.stderr.splitlines()
+    assert lines[0] == f"sending to {url}/v1/batch (up to 1 s)"
+    assert (
+        lines[-1].startswith("cdpmp track: FAILED, messageId=")
+        and f"not delivered to {url}/v1/batch" in lines[-1]
+    )
+    assert "Traceback" not in out.stderr
+
+
+def test_collector_says_which_write_key_it_accepts_without_printing_a_real_one() -> None:
+    def first_lines(env: dict[str, str]) -> list[str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cdpmp", "collector"],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={k: v for k, v in {**os.environ, **env}.items() if v},
+        )
+        try:
+            assert proc.stdout is not None
+            return [proc.stdout.readline().strip() for _ in range(2)]
+        finally:
+            proc.terminate()
+            proc.communicate(timeout=10)
+
+    default = first_lines({"CDP_WRITE_KEY": ""})
+    assert default[1] == "accepts write key 'test-write-key' (the default; set CDP_WRITE_KEY to choose one)"
+    secret = "sk_us_" + "s3cr3t" * 6
+    chosen = first_lines({"CDP_WRITE_KEY": secret})
+    assert chosen[1] == f"accepts the write key from CDP_WRITE_KEY (ending ...{secret[-4:]})"
+    assert secret not in " ".join(chosen)
+
+
+def test_demo_counts_its_events_and_its_verdict_comes_from_what_arrived(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = _cdpmp("demo", "--workers", "2", "--events", "3")  # fewer events than the mix's five calls
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 event from the master, then 2 process(es) x 3 events" in out.stdout
+    assert "2 forked workers finished (0 failed)" in out.stdout
+    assert "result: all 7 accepted events arrived exactly once" in out.stdout
+    from cdpmp.cli import _verdict
+
+    assert _verdict(["a", "b", "c"], {"a": 2, "x": 1}, failed=1, drained=False) == 1
+    assert capsys.readouterr().err.strip() == (
+        "result: FAILED: 1 worker process(es) failed; 2 accepted event(s) never arrived; "
+        "1 event(s) arrived more than once; 1 unexpected event(s) arrived; 1 flush did not finish"
+    )
+
+
+def test_demo_refuses_negative_counts() -> None:
+    out = _cdpmp("demo", "--events", "-1")
+    assert (
+        out.returncode == 2 and out.stderr.strip() == "cdpmp demo: --workers and --events must be 0 or more"
+    )
