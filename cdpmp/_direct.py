@@ -84,10 +84,12 @@ class DirectSink:
         self._ledger.inherited_discarded = inherited
 
     def _here(self) -> None:
-        """Build this process's state (also after a C fork that ran no hook: uWSGI)."""
-        if self._pid != os.getpid():
-            self.reset_after_fork()
-            self._init_process_state()
+        """Build this process's state (also after a C fork that ran no hook: uWSGI),
+        once: the threads of a new worker race here on their first calls."""
+        with PROCESS.build_lock():
+            if self._pid != os.getpid():
+                self.reset_after_fork()
+                self._init_process_state()
 
     def depth(self) -> int:
         return len(self._queue) + self._held_count + self._in_flight

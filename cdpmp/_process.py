@@ -29,7 +29,7 @@ import os
 import threading
 import time
 import weakref
-from typing import List, Optional, Protocol
+from typing import Dict, List, Optional, Protocol
 
 from ._options import Settings
 
@@ -60,6 +60,7 @@ class ProcessState:
         # uWSGI master that loads the app before forking workers from C. A thread
         # alive there at fork time leaves the children's interpreter state invalid.
         self._threadless_pid = -1
+        self._build_locks: Dict[int, threading.Lock] = {}
 
     def register(self, member: Member) -> None:
         with self._lock:
@@ -94,6 +95,11 @@ class ProcessState:
 
     def threadless_here(self) -> bool:
         return self._threadless_pid == os.getpid()
+
+    def build_lock(self) -> threading.Lock:
+        """A lock of this pid's own, for building per-process state on first use.
+        Made on demand per pid (``setdefault`` is atomic), never inherited held."""
+        return self._build_locks.setdefault(os.getpid(), threading.Lock())
 
     def inline_deadline(self, timeout: float) -> float:
         """When a batch sent on the calling thread (no consumer can run) must end. A

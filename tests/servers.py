@@ -170,7 +170,9 @@ def assert_exactly_once(collector: Collector, ok_ids: List[str], k: int, import_
     """Every event of every answered request arrived once; ``import_events`` more
     (tracked at app import) too; nothing else, no duplicates."""
     expected = set(expected_ids(ok_ids, k))
-    assert collector.wait_for(len(expected) + import_events, timeout=30)
+    arrived = collector.wait_for(len(expected) + import_events, timeout=30)
+    missing = expected - set(collector.message_ids())
+    assert arrived, (len(missing), sorted(missing)[:20])
     counts = collections.Counter(collector.message_ids())
     duplicates = {mid: n for mid, n in counts.items() if n > 1}
     assert duplicates == {}, (len(duplicates), sorted(duplicates.items())[:10])

@@ -197,8 +197,10 @@ def test_fork_while_fifty_threads_track_in_shared_mode(runtime_dir: str, collect
             import os, threading, cdpmp
             c = cdpmp.Client({collector.write_key!r}, endpoint={collector.url!r}, mode="shared")
             stop = threading.Event()
-            def spin():
-                while not stop.is_set():
+            def spin():  # 50 x 150 events: mid-track at the fork, within the limit
+                for _ in range(150):
+                    if stop.is_set():
+                        return
                     c.track("u", "E")
             threads = [threading.Thread(target=spin) for _ in range(50)]
             for t in threads: t.start()
@@ -320,3 +322,43 @@ def test_the_write_key_never_reaches_logs_or_the_uploaders_environment(
 def test_fuzzing_the_public_api_never_hangs_crashes_or_raises_undocumented_errors() -> None:
     out = _isolated("import tests.fuzz_api as f; f.main()", timeout=110)
     assert out.strip().endswith("fuzzed")
+
+
+@pytest.mark.parametrize("mode", ["direct", "shared"])
+def test_threads_of_a_new_worker_racing_on_their_first_track_lose_nothing(
+    mode: str, collector: Collector, request: pytest.FixtureRequest
+) -> None:
+    # After a fork the child's state is built on first use (not in the fork hook: a
+    # gevent worker must patch first), so a gthread worker's threads race to build it.
+    env = {"CDP_RUNTIME_DIR": request.getfixturevalue("runtime_dir")} if mode == "shared" else {}
+    out = _isolated(
+        f"""
+        import os, threading, cdpmp
+        c = cdpmp.Client({collector.write_key!r}, endpoint={collector.url!r}, mode={mode!r}, upload_interval=0.05)
+        c.track("parent", "Warm Up", message_id="parent-0")  # the parent has state, and a thread
+        pid = os.fork()
+        if pid == 0:
+            for round in range(20):
+                barrier = threading.Barrier(8)
+                def burst(t):
+                    barrier.wait()
+                    c.track("child", "E", message_id=f"c{{round}}-{{t}}")
+                threads = [threading.Thread(target=burst, args=(t,)) for t in range(8)]
+                for t in threads: t.start()
+                for t in threads: t.join()
+                if round < 19:  # the next round races on a fresh fork of this child
+                    child = os.fork()
+                    if child:
+                        os._exit(0 if c.flush(20) and os.waitpid(child, 0)[1] == 0 else 1)
+            os._exit(0 if c.flush(20) else 1)
+        _, status = os.waitpid(pid, 0)
+        assert c.flush(20)
+        print(os.waitstatus_to_exitcode(status))
+        """,
+        timeout=90,
+        **env,
+    )
+    assert out.strip() == "0"
+    expected = {"parent-0"} | {f"c{r}-{t}" for r in range(20) for t in range(8)}
+    assert collector.wait_for(len(expected), timeout=30)
+    assert sorted(collector.message_ids()) == sorted(expected)

@@ -89,8 +89,9 @@ class SharedSink:
             self._pid = -1  # re-open lazily on first use in this process
 
     def _here(self) -> Ring:
-        if self._pid != os.getpid() or self._ring is None:
-            self._open()
+        with PROCESS.build_lock():  # the threads of a new worker race here
+            if self._pid != os.getpid() or self._ring is None:
+                self._open()
         assert self._ring is not None
         return self._ring
 
