@@ -112,6 +112,7 @@ def test_cli_collector_takes_network_conditions() -> None:
             assert proc.stdout is not None
             first = proc.stdout.readline()
             assert "listening on http://127.0.0.1:" in first
+            assert proc.stdout.readline().startswith("accepts write key")
             assert "latency=0.05" in proc.stdout.readline()
             url = first.split("listening on ")[1].split()[0]
             response = urllib3.request("POST", url + "/v1/batch", body=b"{}", retries=False, timeout=10)
