@@ -18,6 +18,7 @@ from typing import List
 import pytest
 
 import cdpmp
+from cdpmp.shared.ring import Ring
 from cdpmp.testing import Collector, Conditions, Outage
 from tests.conftest import uploader_processes, wait_until
 
@@ -317,3 +318,74 @@ def test_foreground_uploader_runs_until_stopped_and_only_the_auto_one_exits_idle
         service.terminate()
         _, err = service.communicate(timeout=30)
     assert service.returncode == 0 and "exiting" not in err
+
+
+def _can_unshare_pid() -> bool:
+    try:
+        return (
+            subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True, timeout=10).returncode
+            == 0
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(
+    not _can_unshare_pid(), reason="needs unshare(1) and CAP_SYS_ADMIN for a new PID namespace"
+)
+def test_a_sidecar_uploader_in_its_own_pid_namespace(runtime_dir: str, collector: Collector) -> None:
+    """A real sidecar: ``cdpmp uploader`` in a new PID namespace (it publishes pid 1,
+    which here is init), sharing only the runtime directory. While it serves, no
+    producer starts another; once it is SIGKILLed its heartbeat goes stale and a
+    producer starts a local one, which delivers the rest. Nothing is lost or doubled."""
+    import psutil
+
+    os.makedirs(runtime_dir, mode=0o700)
+    env = {k: v for k, v in os.environ.items() if k != "CDP_WRITE_KEY"}
+    sidecar = subprocess.Popen(
+        [
+            "unshare",
+            "--pid",
+            "--fork",
+            "--mount-proc",
+            sys.executable,
+            "-m",
+            "cdpmp",
+            "uploader",
+            "--dir",
+            runtime_dir,
+        ],
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert wait_until(lambda: os.path.isfile(os.path.join(runtime_dir, "ring")), 20)
+        ring = Ring(runtime_dir)
+        try:
+            assert wait_until(lambda: ring.uploader()[0] == 1, 20)  # its pid, in its namespace
+        finally:
+            ring.close()
+        client = _shared(collector)
+        before = _track(client, "a", 20)
+        for _ in range(4):  # 4 s of calls: a liveness check each second
+            time.sleep(1.0)
+            before += _track(client, f"b{_}-", 5)
+        assert client.flush(timeout=30)
+        host = client.stats()["host"]
+        ours = {sidecar.pid} | {p.pid for p in psutil.Process(sidecar.pid).children(recursive=True)}
+        assert host is not None and host["spawns"] == 0
+        assert {p.pid for p in uploader_processes(runtime_dir)} <= ours  # only the sidecar serves
+        (served,) = [
+            p for p in psutil.Process(sidecar.pid).children(recursive=True) if "uploader" in p.cmdline()
+        ]
+        served.kill()  # the sidecar dies; its pid 1 still names a live process here
+        served.wait(10)
+        after = _track(client, "c", 10)
+        assert client.flush(timeout=30)  # a stale heartbeat: a local uploader takes over
+        assert len([p for p in uploader_processes(runtime_dir) if p.pid not in ours]) == 1
+        assert collector.wait_for(len(before) + len(after), timeout=30)
+        assert collector.unique_ids() == set(before + after) and collector.duplicates() == {}
+        client.shutdown(timeout=5)
+    finally:
+        sidecar.kill()
+        sidecar.wait(10)
