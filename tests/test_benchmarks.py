@@ -55,3 +55,15 @@ def test_quick_benchmark_writes_results_charts_and_report(tmp_path: Path) -> Non
     assert "## 4. Behind a real network" in (tmp_path / "BENCHMARKS.md").read_text()
     report = (tmp_path / "BENCHMARKS.md").read_text()
     assert "## Targets" in report and "python -m benchmarks --quick" in report
+
+
+def test_servers_benchmark_counts_delivery_at_a_graceful_stop() -> None:
+    from benchmarks.servers import run, table
+
+    rows = run(["uvicorn"], requests=20, k=2)
+    assert [r["client"] for r in rows] == ["official", "direct", "shared"]
+    for row in rows:
+        assert row["tracked"] == row["answered"] * 2 == 40
+        if row["client"] != "official":  # the official client may lose its last events
+            assert (row["delivered"], row["duplicates"]) == (40, 0)
+    assert "| uvicorn | shared | 20 | 40 / 40 (100.0%) | 0 |" in table(rows)

@@ -1,7 +1,7 @@
 """A small ASGI app for the Uvicorn tests: ``GET /?id=R&k=K`` tracks K events with
 messageIds ``R-0 .. R-(K-1)`` and answers "ok" when every ``track()`` succeeded. It
 does not implement lifespan itself (as many small apps do not); the README's one line
-wraps it. Settings come from the environment (``CDP_WRITE_KEY``, ``CDP_ENDPOINT``...).
+wraps it. ``APP_CLIENT=official`` uses customerio-cdp-analytics instead (benchmarks). Settings come from the environment (``CDP_WRITE_KEY``, ``CDP_ENDPOINT``...).
 """
 
 from __future__ import annotations
@@ -11,7 +11,14 @@ from typing import Any, Awaitable, Callable, MutableMapping
 from urllib.parse import parse_qs
 
 import cdpmp.integrations.asgi
-from cdpmp import analytics
+
+if os.environ.get("APP_CLIENT") == "official":  # for the comparison in benchmarks/servers.py
+    from customerio import analytics
+
+    analytics.write_key = os.environ["CDP_WRITE_KEY"]
+    analytics.host = os.environ["CDP_ENDPOINT"]
+else:
+    from cdpmp import analytics  # type: ignore[no-redef]
 
 
 async def _app(
@@ -35,4 +42,5 @@ async def _app(
     await send({"type": "http.response.body", "body": body})
 
 
-app = cdpmp.integrations.asgi.lifespan(_app)
+# The official client has no such helper: it runs the bare app.
+app = _app if os.environ.get("APP_CLIENT") == "official" else cdpmp.integrations.asgi.lifespan(_app)
