@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 import trustme
 
@@ -108,9 +108,11 @@ def _stop_uploader(directory: Path) -> None:
             ring.close()
 
 
-def run(setups: List[str], requests: int = 300, k: int = 3) -> List[Dict[str, Any]]:
+def run(
+    setups: List[str], requests: int = 300, k: int = 3, clients: Sequence[str] = CLIENTS
+) -> List[Dict[str, Any]]:
     ca = trustme.CA()
-    return [run_one(setup, client, requests, k, ca) for setup in setups for client in CLIENTS]
+    return [run_one(setup, client, requests, k, ca) for setup in setups for client in clients]
 
 
 def table(rows: List[Dict[str, Any]]) -> str:

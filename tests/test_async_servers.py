@@ -41,7 +41,9 @@ def _gunicorn(tmp_path: Path, collector: Collector, args: List[str], app: str, *
         "--bind",
         f"127.0.0.1:{port}",
     ]
-    cmd += ["--workers", "4", "--graceful-timeout", "20", *args, app]
+    # A short graceful timeout: gunicorn 27's gevent workers sometimes leave an idle
+    # worker waiting it out on SIGTERM (seen with no client in the app at all).
+    cmd += ["--workers", "4", "--graceful-timeout", "5", *args, app]
     server = Server(cmd, server_env(collector.url, collector.write_key, **env), tmp_path / "server.log", port)
     server.wait_ready()
     return server

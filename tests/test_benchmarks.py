@@ -60,8 +60,8 @@ def test_quick_benchmark_writes_results_charts_and_report(tmp_path: Path) -> Non
 def test_servers_benchmark_counts_delivery_at_a_graceful_stop() -> None:
     from benchmarks.servers import run, table
 
-    rows = run(["uvicorn"], requests=20, k=2)
-    assert [r["client"] for r in rows] == ["official", "direct", "shared"]
+    rows = run(["uvicorn"], requests=20, k=2, clients=("official", "shared"))
+    assert [r["client"] for r in rows] == ["official", "shared"]
     for row in rows:
         assert row["tracked"] == row["answered"] * 2 == 40
         if row["client"] != "official":  # the official client may lose its last events
