@@ -70,7 +70,9 @@ def test_gevent_workers_over_https(
 def _uvicorn(tmp_path: Path, collector: Collector, how: str, **env: str) -> Server:
     port = free_port()
     app = "tests.apps.asgi_app:app"
-    if how == "gunicorn-uvicornworker":
+    if how == "hypercorn-workers":
+        cmd = [sys.executable, "-m", "hypercorn", "--bind", f"127.0.0.1:{port}", "--workers", "4", app]
+    elif how == "gunicorn-uvicornworker":
         cmd = [
             sys.executable,
             "-m",
@@ -90,8 +92,8 @@ def _uvicorn(tmp_path: Path, collector: Collector, how: str, **env: str) -> Serv
 
 
 @pytest.mark.parametrize("mode", ["direct", "shared"])
-@pytest.mark.parametrize("how", ["uvicorn", "uvicorn-workers", "gunicorn-uvicornworker"])
-def test_uvicorn_graceful_stop_delivers_everything_over_https(
+@pytest.mark.parametrize("how", ["uvicorn", "uvicorn-workers", "gunicorn-uvicornworker", "hypercorn-workers"])
+def test_asgi_graceful_stop_delivers_everything_over_https(
     how: str, mode: str, tmp_path: Path, tls_collector: Collector, request: pytest.FixtureRequest
 ) -> None:
     # A long interval: without the lifespan drain, every event still queued at the
