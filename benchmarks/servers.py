@@ -26,18 +26,16 @@ from typing import Any, Dict, List, Sequence
 import trustme
 
 from cdpmp.testing import Collector
-from tests.servers import BIN, Server, expected_ids, free_port, load, server_env
+from tests.servers import BIN, Server, expected_ids, free_port, gunicorn_command, load, server_env
 
 CLIENTS = ("official", "direct", "shared")
 
 
 def _command(setup: str, client: str, port: int) -> List[str]:
     bind = f"127.0.0.1:{port}"
-    conf = [] if client == "official" else ["-c", "tests/apps/gunicorn_conf.py"]
     if setup.startswith("gevent"):
         preload = ["--preload"] if setup == "gevent-preload" else []
-        return [sys.executable, "-m", "gunicorn", *conf, "--bind", bind, "--workers", "4", "-k", "gevent",
-                "--graceful-timeout", "20", *preload, "tests.apps.wsgi_app:app"]  # fmt: skip
+        return gunicorn_command(port, "-k", "gevent", *preload, conf=client != "official")
     if setup == "uvicorn":
         return [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port), "--workers", "4",
                 "--no-access-log", "tests.apps.asgi_app:app"]  # fmt: skip

@@ -46,6 +46,28 @@ def server_env(collector_url: str, write_key: str, **extra: str) -> Dict[str, st
     return env
 
 
+def gunicorn_command(
+    port: int,
+    *args: str,
+    app: str = "tests.apps.wsgi_app:app",
+    graceful: int = 20,
+    conf: bool = True,
+    python_flags: Sequence[str] = (),
+) -> List[str]:
+    """gunicorn, 4 workers on 127.0.0.1:``port``, with the README's ``gunicorn.conf.py``
+    line unless ``conf`` is False (the official client has no hooks)."""
+    config = ["-c", "tests/apps/gunicorn_conf.py"] if conf else []
+    return [sys.executable, *python_flags, "-m", "gunicorn", *config, "--bind", f"127.0.0.1:{port}",
+            "--workers", "4", "--graceful-timeout", str(graceful), *args, app]  # fmt: skip
+
+
+def start_server(cmd: Sequence[str], collector: Collector, log: Path, port: int, **env: str) -> Server:
+    """``cmd`` with the collector's settings in its environment, once it answers."""
+    server = Server(cmd, server_env(collector.url, collector.write_key, **env), log, port)
+    server.wait_ready()
+    return server
+
+
 class Server:
     """A server subprocess in its own session, logging to a file."""
 

@@ -19,7 +19,7 @@ from typing import Any, Dict, List
 import pytest
 
 from cdpmp.testing import Collector
-from tests.servers import Server, assert_exactly_once, free_port, load, server_env
+from tests.servers import Server, assert_exactly_once, free_port, gunicorn_command, load, start_server
 
 pytestmark = [pytest.mark.servers, pytest.mark.timeout(180)]
 
@@ -32,21 +32,10 @@ def _mode_env(mode: str, request: pytest.FixtureRequest) -> dict[str, str]:
 
 def _gunicorn(tmp_path: Path, collector: Collector, args: List[str], app: str, **env: str) -> Server:
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "-c",
-        "tests/apps/gunicorn_conf.py",
-        "--bind",
-        f"127.0.0.1:{port}",
-    ]
     # A short graceful timeout: gunicorn 27's gevent workers sometimes leave an idle
     # worker waiting it out on SIGTERM (seen with no client in the app at all).
-    cmd += ["--workers", "4", "--graceful-timeout", "5", *args, app]
-    server = Server(cmd, server_env(collector.url, collector.write_key, **env), tmp_path / "server.log", port)
-    server.wait_ready()
-    return server
+    cmd = gunicorn_command(port, *args, app=app, graceful=5)
+    return start_server(cmd, collector, tmp_path / "server.log", port, **env)
 
 
 @pytest.mark.parametrize("mode", ["direct", "shared"])
@@ -73,22 +62,11 @@ def _uvicorn(tmp_path: Path, collector: Collector, how: str, **env: str) -> Serv
     if how == "hypercorn-workers":
         cmd = [sys.executable, "-m", "hypercorn", "--bind", f"127.0.0.1:{port}", "--workers", "4", app]
     elif how == "gunicorn-uvicornworker":
-        cmd = [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-c",
-            "tests/apps/gunicorn_conf.py",
-            "--bind",
-            f"127.0.0.1:{port}",
-        ]
-        cmd += ["--workers", "4", "--graceful-timeout", "20", "-k", "uvicorn.workers.UvicornWorker", app]
+        cmd = gunicorn_command(port, "-k", "uvicorn.workers.UvicornWorker", app=app)
     else:
         cmd = [sys.executable, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
         cmd += ["--workers", "4", app] if how == "uvicorn-workers" else [app]
-    server = Server(cmd, server_env(collector.url, collector.write_key, **env), tmp_path / "server.log", port)
-    server.wait_ready()
-    return server
+    return start_server(cmd, collector, tmp_path / "server.log", port, **env)
 
 
 @pytest.mark.parametrize("mode", ["direct", "shared"])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +17,15 @@ from typing import List
 import pytest
 
 from cdpmp.testing import Collector
-from tests.servers import Server, assert_exactly_once, expected_ids, free_port, load, server_env
+from tests.servers import (
+    Server,
+    assert_exactly_once,
+    expected_ids,
+    free_port,
+    gunicorn_command,
+    load,
+    start_server,
+)
 
 pytestmark = [pytest.mark.servers, pytest.mark.timeout(180)]
 # --preload, and every worker recycled after 20-30 requests.
@@ -33,27 +40,8 @@ def gunicorn(
     **env: str,
 ) -> Server:
     port = free_port()
-    cmd = [
-        sys.executable,
-        *python_flags,
-        "-m",
-        "gunicorn",
-        "-c",
-        "tests/apps/gunicorn_conf.py",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--workers",
-        "4",
-        "--graceful-timeout",
-        "20",
-        *args,
-        "tests.apps.wsgi_app:app",
-    ]
-    server = Server(
-        cmd, server_env(collector.url, collector.write_key, **env), tmp_path / "gunicorn.log", port
-    )
-    server.wait_ready()
-    return server
+    cmd = gunicorn_command(port, *args, python_flags=python_flags)
+    return start_server(cmd, collector, tmp_path / "gunicorn.log", port, **env)
 
 
 @pytest.mark.parametrize("preload", [True, False], ids=["preload", "no-preload"])
