@@ -13,12 +13,13 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
 
-from cdpmp.testing import Collector
+from cdpmp.testing import Collector, Conditions, Outage
 from tests.servers import Server, assert_exactly_once, free_port, gunicorn_command, load, start_server
 
 pytestmark = [pytest.mark.servers, pytest.mark.timeout(180)]
@@ -167,3 +168,31 @@ def test_eventlet_patched_after_cdpmp_was_imported_over_https(
     assert [line for line in done.stderr.splitlines() if "cdpmp" in line] == [], done.stderr[-5000:]
     assert tls_collector.wait_for(500, timeout=30)
     assert sorted(tls_collector.message_ids()) == sorted(f"m{g}-{j}" for g in range(10) for j in range(50))
+
+
+@pytest.mark.parametrize("mode", ["direct", "shared"])
+@pytest.mark.parametrize("setup", ["gevent-preload", "uvicorn-workers"])
+def test_new_server_setups_behind_a_slow_endpoint_with_an_outage(
+    setup: str, mode: str, tmp_path: Path, tls_collector: Collector, request: pytest.FixtureRequest
+) -> None:
+    # Production conditions: 100-150 ms per answer over TLS, and a 3 s 503 outage that
+    # the load runs into; the server is stopped 1 s after the endpoint is back. Every
+    # event of every answered request still arrives exactly once.
+    env = _mode_env(mode, request)
+    if setup == "gevent-preload":
+        env["APP_TRACK_AT_IMPORT"] = "1"
+        args = ["-k", "gevent", "--worker-connections", "50", "--preload"]
+        server = _gunicorn(tmp_path, tls_collector, args, "tests.apps.wsgi_app:app", **env)
+    else:
+        server = _uvicorn(tmp_path, tls_collector, setup, **env)
+    outage = Outage(0.0, 3.0, 503)
+    tls_collector.set_conditions(Conditions(latency=0.1, jitter=0.05, outages=(outage,), seed=7))
+    began = time.monotonic()
+    ok = load(server.port, 300, k=3)
+    time.sleep(max(0.0, began + 4.0 - time.monotonic()))
+    server.stop(signal.SIGTERM)
+    output = server.output()
+    assert len(ok) == 300, output[-5000:]
+    assert [line for line in output.splitlines() if "cdpmp:" in line] == [], output[-5000:]
+    assert_exactly_once(tls_collector, ok, 3, import_events=1 if setup == "gevent-preload" else 0)
+    assert any(r.status == 503 for r in tls_collector.requests)  # the outage was met
