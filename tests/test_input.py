@@ -82,8 +82,31 @@ def test_bad_settings_raise_naming_the_setting(option: str, value: Any, error: t
 
 def test_missing_write_key_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CDP_WRITE_KEY", raising=False)
-    with pytest.raises(cdpmp.ConfigurationError, match=r"write_key.*CDP_WRITE_KEY"):
+    with pytest.raises(cdpmp.ConfigurationError, match=r"write_key.*CDP_WRITE_KEY") as info:
         cdpmp.Client()
+    # Also what the official client raises, for code that catches it.
+    assert isinstance(info.value, cdpmp.MissingWriteKey) and isinstance(info.value, AssertionError)
+
+
+def test_a_host_without_a_scheme_means_https_and_is_reported_as_given(collector: Collector) -> None:
+    client = cdpmp.Client("k", host="cdp.customer.io", send=False)
+    assert client.host == "cdp.customer.io" and client.settings.endpoint == "https://cdp.customer.io"
+    with pytest.raises(cdpmp.ConfigurationError, match="endpoint: must start with http"):
+        cdpmp.Client("k", host="ftp://cdp.customer.io")
+
+
+def test_a_region_key_sent_to_the_other_region_warns_once_per_client(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    key = "sk_eu_" + "a" * 32 + "_abcdef"
+    with caplog.at_level("WARNING", logger="cdpmp"):
+        client = cdpmp.Client(key, host="https://cdp.customer.io/", send=False)
+        for _ in range(3):
+            client.track("u", "E")
+        cdpmp.Client(key, host="https://cdp-eu.customer.io", send=False)  # its own region: silent
+    lines = [r.getMessage() for r in caplog.records if "API key" in r.getMessage()]
+    assert lines == ["cdpmp: EU API key is being sent to the US host https://cdp.customer.io"]
+    assert key not in caplog.text
 
 
 def test_write_key_never_in_repr_logs_or_errors(
