@@ -120,6 +120,20 @@ class _Records(logging.Handler):
 
 
 @pytest.fixture(autouse=True)
+def _no_server_left() -> Iterator[None]:
+    """Kill (process group) every server a test started and left running."""
+    from tests.servers import Server
+
+    yield
+    while Server.started:
+        server = Server.started.pop()
+        if server.proc.poll() is None:
+            server.kill()
+        if not server._log.closed:
+            server._log.close()
+
+
+@pytest.fixture(autouse=True)
 def _internal_capture(request: pytest.FixtureRequest) -> Iterator[_Records]:
     """An unexpected exception inside cdpmp (logged on ``cdpmp.internal``) fails the
     test that caused it, as sentry-python's fixtures do."""

@@ -69,7 +69,11 @@ def start_server(cmd: Sequence[str], collector: Collector, log: Path, port: int,
 
 
 class Server:
-    """A server subprocess in its own session, logging to a file."""
+    """A server subprocess in its own session, logging to a file. Every server still
+    running when its test ends is killed, whole process group, by the ``_no_server_left``
+    fixture (conftest): a test that fails half-way leaves nothing behind."""
+
+    started: List[Server] = []
 
     def __init__(self, cmd: Sequence[str], env: Dict[str, str], log: Path, port: int) -> None:
         self.log_path = log
@@ -78,6 +82,7 @@ class Server:
         self.proc = subprocess.Popen(
             list(cmd), env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
+        Server.started.append(self)
 
     @property
     def pid(self) -> int:
