@@ -84,8 +84,7 @@ class DirectSink:
         self._ledger.inherited_discarded = inherited
 
     def _here(self) -> None:
-        """Build this process's state (also after a C fork that ran no hook: uWSGI),
-        once: the threads of a new worker race here on their first calls."""
+        """Build this process's state once (the threads of a new worker race here)."""
         with PROCESS.build_lock():
             if self._pid != os.getpid():
                 self.reset_after_fork()
@@ -341,9 +340,10 @@ class DirectSink:
             time.sleep(pause)
 
     def _hand_off(self) -> None:
-        """What a threadless master could not send goes to the host's uploader."""
+        if not PROCESS.threadless_here():  # a master running no Python after boot hands off
+            return  # (elsewhere the batch stays held: no lock taken on this failing path)
         with self._lock:
-            items = self._take_everything_locked() if PROCESS.threadless_here() else []
+            items = self._take_everything_locked()
         if items and not send_later(self._settings, self._ledger, items):
             with self._lock:  # shared mode unavailable: keep them, try at the next call
                 self._queue.extend(items)
