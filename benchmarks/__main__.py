@@ -1,4 +1,4 @@
-"""``python -m benchmarks [--quick] [--parts call,load,scaling,network]``: the whole benchmark.
+"""``python -m benchmarks [--quick] [--parts call,load,scaling,network,engine,soak]``: the whole benchmark.
 
 Installs its comparison targets (customerio-cdp-analytics, segment-analytics-python)
 and matplotlib if missing, runs the parts, and writes ``benchmarks/results/<date>.json``,
@@ -38,8 +38,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small run (under a minute)")
     parser.add_argument(
-        "--parts", default="call,load,scaling,network", help="comma-separated: call,load,scaling,network"
+        "--parts",
+        default="call,load,scaling,network,engine",
+        help="comma-separated: call,load,scaling,network,engine,soak (the soak takes --soak-seconds)",
     )
+    parser.add_argument("--soak-seconds", type=float, default=600.0, help="the soak's length")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--top", type=Path, default=ROOT, help="where BENCHMARKS.md is written")
     parser.add_argument("--reading", type=Path, help="a Markdown file with the reading of this run")
@@ -76,6 +79,16 @@ def main() -> int:
 
         progress("part 4: behind a real network (round trips, outage)")
         results["network"] = network.run(quick=args.quick)
+    if "engine" in parts:
+        from benchmarks import engine
+
+        progress("part 5: the delivery engine (call cost by endpoint placement)")
+        results["engine"] = engine.run(quick=args.quick)
+    if "soak" in parts:
+        from benchmarks import soak
+
+        progress("part 6: soak with outages (threads and descriptors)")
+        results["soak"] = soak.run(args.soak_seconds)
     if args.reading:
         results["reading"] = args.reading.read_text()
     target = write(results, args.output_dir, args.top)

@@ -83,6 +83,25 @@ def targets(results: Dict[str, Any]) -> List[Tuple[str, str, bool]]:
             )
         )
     out += _network_targets(results.get("network"))
+    out += _engine_targets(results.get("engine"))
+    return out
+
+
+def _engine_targets(engine: Optional[Dict[str, Any]]) -> List[Tuple[str, str, bool]]:
+    """The delivery engine's targets: caller cost ≤ 0.25× official in every cell (both
+    endpoint placements), direct within 1.5× of its own ``send=False``, CPU ≤ 0.25×."""
+    out: List[Tuple[str, str, bool]] = []
+    for placement, rows in (engine or {}).get("placements", {}).items():
+        where = "endpoint in another process" if placement == "out" else "endpoint in the caller's process"
+        for name in ("direct", "shared", "sync"):
+            ratio = rows[name]["burst_ratio"]
+            out.append((f"{where}: {name} track() burst ≤ 0.25× official", f"{ratio:.2f}×", ratio <= 0.25))
+        floor = rows["direct"]["burst_us"] / rows["floor"]["burst_us"]
+        out.append((f"{where}: direct within 1.5× of send=False", f"{floor:.2f}×", floor <= 1.5))
+        if placement == "out":
+            for name in ("direct", "shared"):
+                cpu = rows[name]["cpu_ratio"]
+                out.append((f"{where}: CPU per event, {name} ≤ 0.25× official", f"{cpu:.2f}×", cpu <= 0.25))
     return out
 
 
@@ -285,6 +304,16 @@ def markdown(results: Dict[str, Any], chart_files: List[str], chart_dir: str) ->
             "In shared mode the producer's RSS growth *is* the ring's pages (a shared mapping); the "
             "ring column is the host-wide cost."
         )
+    if results.get("engine"):
+        from benchmarks import engine as engine_bench
+
+        lines += ["", "## 1b. The delivery engine: call cost, paced latency, threads, in flight"]
+        lines += engine_bench.markdown(results["engine"]).splitlines()
+    if results.get("soak"):
+        from benchmarks import soak
+
+        lines += ["", "## 1c. Soak with outages: threads and descriptors per worker", ""]
+        lines += soak.markdown(results["soak"]).splitlines()
     load = results.get("load")
     if load:
         lines += [

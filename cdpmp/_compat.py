@@ -6,8 +6,7 @@ nothing here takes part in delivery.
 
 from __future__ import annotations
 
-import threading
-from typing import Optional
+from typing import Callable, Optional
 
 from ._options import EU_ENDPOINT, REGION_KEY, US_ENDPOINT, Settings
 from ._sink import Sink
@@ -44,8 +43,8 @@ class ConsumerView:
         self.upload_interval = settings.upload_interval
 
     def is_alive(self) -> bool:
-        thread: Optional[threading.Thread] = getattr(self._sink, "_thread", None)
-        return thread is not None and thread.is_alive()
+        alive: Optional[Callable[[], bool]] = getattr(self._sink, "alive", None)
+        return alive is not None and alive()
 
 
 def other_region(settings: Settings) -> Optional[str]:

@@ -1,43 +1,49 @@
-"""Direct mode, the default (a :class:`cdpmp._sink.Sink`): a bounded in-process queue and
-ONE daemon consumer thread, started on the first ``put`` in a process (never at import
-or construction: a master that never tracks stays thread-free). State is stamped with
-its pid; ``put``/``flush`` compare it (≈0.1 µs) and rebuild in a child, also after a C
-``fork()`` that ran no Python hook (uWSGI). The child DROPS what it inherited: the
-parent owns and sends those messages.
+"""Direct mode, the default (a :class:`cdpmp._sink.Sink`): a bounded in-process queue fed
+to this process's delivery engine (:mod:`cdpmp._engine`), whose sender threads are
+shared by every client of the process and start on the first ``put`` in a process
+(never at import or construction: a master that never tracks stays thread-free).
+State is stamped with its pid; ``put``/``flush`` compare it (≈0.1 µs) and rebuild in a
+child, also after a C ``fork()`` that ran no Python hook (uWSGI). The child DROPS what
+it inherited: the parent owns and sends those messages.
 
-The consumer sleeps until ``upload_interval`` after the first waiting message, a full
-batch (count or 500 KB), or a flush; producers wake it on those transitions only.
-
-Delivery goes through the engine (:mod:`cdpmp._engine`): one request at a time, sent by
-the consumer, until a backlog grows the lane onto sender threads (up to
-``max_in_flight``). A batch answered with a retryable error is HELD (counted against
-``max_queue_size``) and probed with backoff; it is given up only at a final answer,
-the exit deadline, or a user-set ``max_retries`` / ``retry_budget``.
+The sink is a *feeder*: a sender thread asks it for a job (:meth:`DirectSink.next_job`)
+and is told when the next one is due: ``upload_interval`` after the first waiting
+message, a full batch (count or 500 KB), a flush, or the end of a backoff. Producers
+wake the engine on those transitions only. The lane (:class:`cdpmp._engine.Lane`)
+says how many requests may be in flight. A batch answered with a retryable error is
+HELD (counted against ``max_queue_size`` and ``max_queue_bytes``) and probed with
+backoff; it is given up only at a final answer, the exit deadline, or a user-set
+``max_retries`` / ``retry_budget`` (the retry policy's rule, :func:`cdpmp._engine.settle`).
 """
 
 from __future__ import annotations
 
 import collections
 import functools
+import math
 import os
 import threading
 import time
-from typing import Callable, Deque, List, Optional, Set
+from typing import Callable, Deque, List, Optional, Set, Tuple
 
-from ._engine import Held, Lane, Outcome, Workers, deliver, partition, take_batch
+from ._engine import Held, Lane, backlogged, deliver, engine, settle, take_batch
 from ._handoff import send_later
 from ._options import Settings
-from ._outcome import HostStats, Ledger, internal_error
+from ._outcome import HostStats, Ledger
 from ._process import PROCESS
-from ._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES, Attempt, Transport
+from ._retry import RetryPolicy
+from ._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES, Transport
 from .errors import DeliveryError, MessageRejected, ShutdownAbandoned
 
-_IDLE_WAIT = 5.0  # seconds an idle consumer sleeps before re-checking (safety net only)
 _BATCH_ROOM = MAX_BATCH_BYTES - ENVELOPE_BYTES
 
 
+def _size(items: List[bytes]) -> int:
+    return sum(len(m) for m in items)
+
+
 class DirectSink:
-    """Bounded queue + lazily started consumer thread, per process."""
+    """Bounded queue (count and bytes) fed to the process's engine, per process."""
 
     mode = "direct"
     host: Callable[[], Optional[HostStats]] = staticmethod(lambda: None)  # no host-wide view
@@ -46,30 +52,32 @@ class DirectSink:
         self._settings = settings
         self._ledger = ledger
         self.transport = Transport(settings)
+        self.policy = RetryPolicy(max_retries=settings.max_retries, budget=settings.retry_budget)
         self._init_process_state()
 
     def _init_process_state(self) -> None:  # fresh locks: never one inherited mid-acquire
-        self._pid = os.getpid()
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        self._wake = threading.Event()
         self._clear()
+        # The pid LAST: a thread that sees it skips _here() and appends to the queue;
+        # set first, _clear() above could still replace that queue (an event lost in a
+        # gthread worker whose threads raced here).
+        self._pid = os.getpid()
 
     def _clear(self) -> None:
         self._queue: Deque[bytes] = collections.deque()
         self._queued_bytes = 0
+        self._bytes = 0  # payload bytes queued, held and in flight (max_queue_bytes)
         self._held: Deque[Held] = collections.deque()  # retryable failures, oldest first
         self._held_count = 0
         self._flying: Set[Held] = set()  # batches whose request is in progress
         self._in_flight = 0
-        self._lane = Lane(self._settings.max_in_flight)
-        self._workers: Optional[Workers] = None
+        self._lane = Lane(self._settings.max_in_flight, self.policy)
         self._first_at = 0.0  # when the oldest queued message arrived (about)
         self._leftover = False  # the queue holds the rest of a batch just taken
         self._urgent = False
         self._stopping = False
-        self._retiring = False  # replaced: a consumer started now exits once idle
-        self._thread: Optional[threading.Thread] = None
+        self._retiring = False  # replaced: send what is held, then let go
 
     def reset_after_fork(self) -> None:
         """Forget what the parent owns; build nothing: locks are made at first use
@@ -93,6 +101,10 @@ class DirectSink:
     def depth(self) -> int:
         return len(self._queue) + self._held_count + self._in_flight
 
+    def alive(self) -> bool:
+        """A sender thread of this process serves this sink now."""
+        return self._pid == os.getpid() and engine().threads > 0 and not self._empty_locked()
+
     def _empty_locked(self) -> bool:
         return not self._queue and not self._held and self._in_flight == 0
 
@@ -100,101 +112,69 @@ class DirectSink:
         if self._pid != os.getpid():
             self._here()  # first call in this process
         settings = self._settings
-        start: Optional[threading.Thread] = None
+        size = len(data)
         with self._lock:
             n = len(self._queue)
-            if n + self._held_count >= settings.max_queue_size:
-                full = True
+            held = self._held_count
+            if n + held >= settings.max_queue_size:
+                refusal = f"the queue holds {n + held} messages ({held} kept for retrying)"
+            elif self._bytes + size > settings.max_queue_bytes:
+                refusal = f"the queue holds {self._bytes} bytes (max_queue_bytes {settings.max_queue_bytes})"
             else:
-                full = False
+                refusal = ""
                 # A compact copy: orjson's result keeps a ≈4 KiB buffer, measured 4.1 KB
                 # of RSS per queued event instead of 0.3 KB.
                 self._queue.append(bytes(memoryview(data)))
-                self._queued_bytes += len(data) + 1
+                self._queued_bytes += size + 1
+                self._bytes += size
                 self._ledger.queued += 1
                 if n == 0:
                     self._first_at = time.monotonic()
                     self._leftover = False
+                    if self._stopping and not self._retiring:
+                        self._stopping = False  # a call after shutdown() starts over
                 due = n + 1 >= settings.upload_size or self._queued_bytes >= _BATCH_ROOM
                 wake = n == 0 or due
-                if self._thread is None:
-                    start = self._claim_thread_locked()
-                inline = self._thread is None and (
+                threaded = PROCESS.may_start_thread()
+                inline = not threaded and (
                     due
                     or PROCESS.threadless_here()
                     or time.monotonic() - self._first_at >= settings.upload_interval
                 )
-        if start is not None:
-            self._launch(start)
-        if full:
-            held = self._held_count
-            return MessageRejected(
-                "queue_full", f"the queue holds {n + held} messages ({held} kept for retrying)"
-            )
+        if refusal:
+            return MessageRejected("queue_full", refusal)
+        if wake and threaded:
+            PROCESS.ensure_exit_hook()
+            if engine().activate(self):
+                return None
+            inline = due  # no thread can start (the interpreter is shutting down)
         if inline and not self._drain_inline(PROCESS.inline_deadline(settings.timeout), True):
+            PROCESS.ensure_exit_hook()  # exit then drains inline
             self._hand_off()  # no consumer can run here, and the due batch failed
-        elif wake:
-            self._wake.set()
         return None
 
-    def _claim_thread_locked(self) -> Optional[threading.Thread]:
-        """The consumer, claimed here and started after the lock is released (under
-        gevent ``start()`` switches to it, and it would wait for our lock)."""
-        PROCESS.ensure_exit_hook()  # also without a thread: exit then drains inline
-        if not PROCESS.may_start_thread():
-            return None
-        self._stopping = self._retiring
-        self._thread = threading.Thread(target=self._run, name="cdpmp-consumer", daemon=True)
-        return self._thread
+    # -- the engine's side (a feeder) ----------------------------------------------------
 
-    def _stop_threads_locked(self) -> None:
-        self._thread, workers, self._workers = None, self._workers, None
-        if workers is not None:
-            workers.close()
-
-    def _launch(self, thread: threading.Thread) -> None:
+    def next_job(self, now: float) -> Tuple[Optional[Callable[[], None]], Optional[float]]:
+        """A job for a sender thread (see :class:`cdpmp._engine.Feeder`). Never blocks:
+        the engine asks while holding its own lock, and a lock held here (a signal
+        handler's flush() that interrupted put(), a test holding it) must not stall
+        every other client of the process; a busy lock is asked again in 1 ms."""
+        if not self._lock.acquire(blocking=False):
+            return None, 0.001
         try:
-            thread.start()
-        except RuntimeError:  # interpreter shutting down: flush() drains inline instead
-            with self._lock:
-                if self._thread is thread:
-                    self._thread = None
+            if self._pid != os.getpid():
+                return None, None
+            job = self._next_job_locked(now, force=False) if self._lane.slots(now) > 0 else None
+            if job is None and self._empty_locked():
+                return None, None
+            wait = self._wait_locked(now)
+        finally:
+            self._lock.release()
+        return (None if job is None else functools.partial(self._run_job, job, None)), wait
 
-    def _run(self) -> None:
-        while True:
-            try:
-                if not self._step():
-                    break
-            except Exception as exc:  # noqa: BLE001 - the consumer must outlive any bug
-                internal_error("the direct-mode consumer", exc)
-                self._wake.wait(0.1)
-        self.transport.close()  # a retired or stopped consumer keeps no socket
-
-    def _step(self) -> bool:
-        """One turn of the consumer: start what the lane allows; False to stop."""
-        self._wake.clear()
-        now = time.monotonic()
-        with self._lock:
-            if self._stopping and self._empty_locked():
-                self._stop_threads_locked()
-                return False
-            jobs = []
-            while self._lane.slots(now) > 0:
-                job = self._next_job_locked(now, force=False)
-                if job is None:
-                    break
-                jobs.append(job)
-            serial = self._lane.limit == 1 and self._lane.in_flight == 1 and len(jobs) == 1
-            if jobs and not serial and self._workers is None:
-                self._workers = Workers(self._settings.max_in_flight, "cdpmp-sender")
-            workers = self._workers
-            wait = self._next_wake_locked(now)
-        for job in jobs:
-            if serial or workers is None or not workers.submit(functools.partial(self._run_job, job, None)):
-                self._run_job(job, None)
-        if not jobs:
-            self._wake.wait(wait)
-        return True
+    def rest(self) -> None:
+        self.transport.close()
 
     def _next_job_locked(self, now: float, force: bool) -> Optional[Held]:
         """The next batch to send (held ones first), counted as in flight; None when
@@ -203,7 +183,7 @@ class DirectSink:
             job = self._held.popleft()
             self._held_count -= len(job.items)
         elif self._queue and (force or self._urgent or self._stopping or self._due_locked(now)):
-            job = Held(self._take_locked(), 0, 0.0)
+            job = Held(self._take_locked())
         else:
             return None
         self._in_flight += len(job.items)
@@ -222,15 +202,16 @@ class DirectSink:
             or (self._leftover and self._lane.in_flight == 0)
         )
 
-    def _next_wake_locked(self, now: float) -> float:
+    def _wait_locked(self, now: float) -> float:
+        """Seconds until the next job may start (``math.inf``: when a request ends)."""
         if not self._queue and not self._held:
-            return _IDLE_WAIT
+            return math.inf
         backoff = self._lane.wait(now)
         if backoff:
             return backoff
-        if self._lane.slots(now) == 0 or self._held:
-            return _IDLE_WAIT  # a finishing request wakes us
-        if self._urgent or self._stopping:
+        if self._lane.slots(now) == 0:
+            return math.inf  # a finishing request asks again
+        if self._held or self._urgent or self._stopping or self._due_locked(now):
             return 0.0
         return max(0.0, self._first_at + self._settings.upload_interval - now)
 
@@ -244,50 +225,35 @@ class DirectSink:
 
     def _run_job(self, job: Held, deadline: Optional[float]) -> None:
         """Send one batch and account for every message in it, whatever happens."""
-        try:
-            outcome = deliver(self.transport, list, job.items, deadline)
-        except Exception as exc:  # noqa: BLE001 - a bug must not wedge depth() or kill a thread
-            outcome = [(job.items, Attempt(internal_error("the direct-mode consumer", exc), 0, 0))]
-        self._settle(job, outcome)
-
-    def _settle(self, job: Held, outcome: Outcome) -> None:
-        now = time.monotonic()
+        outcome, wall, cpu = deliver(self.transport, list, job, deadline)
         with self._lock:
             if job not in self._flying:
                 return  # abandoned at a shutdown deadline, and already counted
             self._flying.discard(job)
-            delivered, requests, losses, kept, retry = partition(outcome)
-            if retry is not None and retry.error is not None:
-                pause = self._lane.failed(retry.retry_after)
-                for part in reversed(kept):
-                    held = Held(part, job.retries + 1, job.first_failed or now)
-                    if held.exhausted(self._settings, pause):
-                        losses.append((retry.error, part))
-                    else:
-                        self._held.appendleft(held)
-                        self._held_count += len(part)
-            elif delivered:
-                self._lane.succeeded(backlog=len(self._queue) >= self._settings.upload_size)
-            else:
-                self._lane.finished()
-        self._ledger.attempts(requests, 1 if job.retries else 0)
+            done = settle(
+                self._lane, job, outcome, backlogged(self._queue, self._settings.upload_size), wall, cpu
+            )
+            for held in reversed(done.retry):
+                self._held.appendleft(held)
+                self._held_count += len(held.items)
+        self._ledger.attempts(done.requests, 1 if job.retries else 0)
+        delivered = sum(len(part) for part in done.delivered)
         if delivered:
             self._ledger.delivered(delivered)
-        for error, part in losses:
+        for error, part in done.losses:
             self._ledger.lost(error, list(part))
         with self._lock:  # only now: flush() returns after on_error has run
             self._in_flight -= len(job.items)
+            self._bytes -= _size(job.items) - sum(_size(h.items) for h in done.retry)
             if self._empty_locked():
                 self._urgent = False
             self._idle.notify_all()
-        self._wake.set()
 
     def flush(self, timeout: float) -> bool:
         """Every wait is bounded by the deadline, lock acquisition included: flush() may
         run in a signal handler that interrupted ``put()`` in this same thread, holding
         the (non-reentrant) lock; it then answers False at its deadline."""
         self._here()
-        start: Optional[threading.Thread] = None
         deadline = time.monotonic() + timeout
         if not self._lock.acquire(timeout=max(0.0, timeout)):
             return False
@@ -295,17 +261,10 @@ class DirectSink:
             if self._empty_locked():
                 return True
             self._urgent = True
-            thread = self._thread
-            if thread is None or (thread.ident is not None and not thread.is_alive()):
-                thread = start = self._claim_thread_locked()
         finally:
             self._lock.release()
-        if start is not None:
-            self._launch(start)
-            thread = self._thread
-        if thread is None:
+        if not PROCESS.may_start_thread() or not engine().activate(self):
             return self._drain_inline(deadline, hold_back=False)
-        self._wake.set()
         return self._await(self._empty_locked, deadline)
 
     def _await(self, done: Callable[[], bool], deadline: float) -> bool:
@@ -323,13 +282,13 @@ class DirectSink:
         return True
 
     def _drain_inline(self, deadline: float, hold_back: bool) -> bool:
-        """Send on the calling thread (no consumer runs here), one request at a time.
-        ``hold_back``: return at once while backed off (a request must not sleep)."""
+        """Send on the calling thread (no sender thread runs here), one request at a
+        time. ``hold_back``: return at once while backed off (a request must not sleep)."""
         while True:
             now = time.monotonic()
             with self._lock:
                 if not self._queue and not self._held:
-                    return True
+                    return self._in_flight == 0
                 pause = self._lane.wait(now)
                 job = None if pause or now >= deadline else self._next_job_locked(now, force=True)
             if job is not None:
@@ -348,6 +307,7 @@ class DirectSink:
             with self._lock:  # shared mode unavailable: keep them, try at the next call
                 self._queue.extend(items)
                 self._queued_bytes += sum(len(m) + 1 for m in items)
+                self._bytes += _size(items)
 
     def _take_everything_locked(self) -> List[bytes]:
         """Empty the held batches and the queue; their messages, oldest first."""
@@ -355,19 +315,27 @@ class DirectSink:
         self._queue.clear()
         self._held.clear()
         self._queued_bytes = self._held_count = 0
+        self._bytes -= _size(items)
         return items
 
     def retire(self) -> None:
-        """Send what is queued soon, then let the consumer exit (and close its socket):
-        a client replaced by new module settings. Never waits."""
+        """Send what is queued soon, then let go of the sockets: a client replaced by
+        new module settings. Never waits."""
         if self._pid != os.getpid():
             return
         with self._lock:
             self._urgent = self._stopping = self._retiring = True
-        self._wake.set()
+            empty = self._empty_locked()
+        if empty:
+            self.transport.close()
+        elif PROCESS.may_start_thread():
+            engine().activate(self)
 
-    def retired(self) -> bool:  # a retired sink that holds nothing and runs no thread
-        return self._retiring and self._thread is None and self._empty_locked()
+    def retired(self) -> bool:  # a retired sink that holds nothing
+        if self._retiring and self._empty_locked():
+            self.transport.close()
+            return True
+        return False
 
     def shutdown(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -376,10 +344,8 @@ class DirectSink:
             return False
         try:
             self._stopping = True
-            thread = self._thread
         finally:
             self._lock.release()
-        self._wake.set()
         if not drained and self._flying:
             self.transport.cancel()  # requests in progress end at their next socket call
             self._await(lambda: not self._flying, time.monotonic() + 0.5)
@@ -388,12 +354,13 @@ class DirectSink:
             for job in self._flying:  # still in flight: whatever it answers, we are done
                 leftover.extend(job.items)
                 self._in_flight -= len(job.items)
+                self._bytes -= _size(job.items)
             self._flying.clear()
-            self._stop_threads_locked()
+            self._lane = Lane(self._settings.max_in_flight, self.policy)  # none of them counts now
             self._idle.notify_all()
-        self._wake.set()  # the consumer finds nothing left and exits
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(max(0.0, deadline - time.monotonic()) + 0.2)
+        if self._pid == os.getpid():
+            engine().forget(self)
+            self.transport.close()
         if leftover:
             error = ShutdownAbandoned(f"{len(leftover)} message(s) unsent at the deadline")
             self._ledger.lost(error, list(leftover))

@@ -1,9 +1,8 @@
 """Every option of cdpmp, in one table, and its resolution into frozen settings.
 
 The table is the body of :class:`Settings` (per client) and :class:`HostSettings`
-(per host: environment only). Each field is declared once with :func:`option`, which
-records its environment variable, its lower bound and its documentation. From that
-one table come:
+(per host: environment only). Each field is declared once with :func:`option` (its
+environment variable, lower bound and documentation). From that one table come:
 
 * ``Client(...)``'s arguments, in the official client's positional order
   (:data:`CLIENT_SIGNATURE`);
@@ -148,9 +147,14 @@ class Settings:
         source=True,
         shown="none",
     )
+    max_queue_bytes: int = option(
+        16 << 20, env="CDP_MAX_QUEUE_BYTES", minimum=1, shown="`16777216` (16 MiB)",
+        doc="bytes of serialised events held per process (direct mode), queued and kept for retrying",
+    )  # fmt: skip
     max_in_flight: int = option(
-        16, env="CDP_MAX_IN_FLIGHT", doc="concurrent requests while a backlog lasts", minimum=1, source=True
-    )
+        16, env="CDP_MAX_IN_FLIGHT", doc="concurrent requests at most (they grow only on the network's wait)",
+        minimum=1, source=True,
+    )  # fmt: skip
     exit_timeout: float = option(
         10.0, env="CDP_EXIT_TIMEOUT", doc="seconds the exit drain may take", minimum=0.0
     )

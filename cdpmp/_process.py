@@ -29,10 +29,11 @@ import os
 import threading
 import time
 import weakref
-from typing import Dict, List, Optional, Protocol
+from typing import Any, Callable, Dict, List, Optional, Protocol, TypeVar
 
 from ._options import Settings
 
+T = TypeVar("T")
 BOOT_BUDGET = 1.0  # seconds a threadless master's inline send may take (see inline_deadline)
 
 
@@ -61,6 +62,8 @@ class ProcessState:
         # alive there at fork time leaves the children's interpreter state invalid.
         self._threadless_pid = -1
         self._build_locks: Dict[int, threading.Lock] = {}
+        self._locals: Dict[str, Any] = {}  # name -> this pid's object (see local())
+        self._locals_pid = os.getpid()
 
     def register(self, member: Member) -> None:
         with self._lock:
@@ -100,6 +103,22 @@ class ProcessState:
         """A lock of this pid's own, for building per-process state on first use.
         Made on demand per pid (``setdefault`` is atomic), never inherited held."""
         return self._build_locks.setdefault(os.getpid(), threading.Lock())
+
+    def local(self, name: str, factory: Callable[[], T]) -> T:
+        """This pid's ``name`` object (the sender threads' engine), made on first use.
+        A child gets its own: what a parent's object holds (threads, sockets) does not
+        survive ``fork``, and a C ``fork()`` runs no hook, so the pid is compared."""
+        if self._locals_pid != os.getpid():
+            with self.build_lock():
+                if self._locals_pid != os.getpid():
+                    self._locals, self._locals_pid = {}, os.getpid()
+        found = self._locals.get(name)
+        if found is None:
+            with self.build_lock():
+                found = self._locals.get(name)
+                if found is None:
+                    found = self._locals[name] = factory()
+        return found
 
     def inline_deadline(self, timeout: float) -> float:
         """When a batch sent on the calling thread (no consumer can run) must end. A

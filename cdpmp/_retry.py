@@ -1,12 +1,20 @@
 """The retry policy: how long to wait before a retry. No I/O here.
 
-Immutable (urllib3's ``Retry`` is the model): ``delay(attempt, retry_after)`` computes
-the wait before retry number ``attempt`` (1-based) as capped exponential backoff with
-full jitter, or the server's ``Retry-After`` capped at ``max_retry_after``. The caller
-owns the clock and the per-batch time budget (``budget``): a retry whose wait would
-overrun it is not made. Durations are seconds.
+Immutable (urllib3's ``Retry`` is the model). It answers the two questions every mode
+(direct, sync, the shared uploader) asks after a retryable failure, and nothing else
+answers them:
 
-Which outcomes are retried is decided in one place, :mod:`cdpmp._outcome`.
+* *wait*: ``delay(attempt, retry_after)``, the pause before retry number ``attempt``
+  (1-based): capped exponential backoff with half jitter. The endpoint's ``Retry-After``
+  may only lengthen it (capped at ``max_retry_after``), never shorten it: gateways answer
+  ``Retry-After: 0`` and clocks are skewed, and honouring that literally made one
+  process send 22 requests per second to a failing endpoint.
+* *retry or give up*: ``gives_up(retries, first_failed, at)``, True when a retry made at
+  ``at`` would exceed ``max_retries`` or the ``budget`` counted from the batch's FIRST
+  failure (not from its latest one: a batch must not live forever by failing slowly).
+
+The caller owns the clock. Durations are seconds. Which outcomes are retryable is decided
+in one place, :mod:`cdpmp._outcome`.
 """
 
 from __future__ import annotations
@@ -24,14 +32,16 @@ def parse_retry_after(raw: Optional[str]) -> Optional[float]:
         return None
     raw = raw.strip()
     try:
-        return max(0.0, float(raw))
+        seconds = float(raw)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+        try:
+            when = email.utils.parsedate_to_datetime(raw)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+        if seconds <= 0:
+            return None  # a date in the past (a skewed clock) says nothing: as if absent
+    return seconds if seconds >= 0 and seconds == seconds else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +57,18 @@ class RetryPolicy:
     rand: Callable[[], float] = dataclasses.field(default=random.random, compare=False)
 
     def delay(self, attempt: int, retry_after: Optional[float] = None) -> float:
-        if retry_after is not None:
-            return min(retry_after, self.max_retry_after)
-        ceiling = min(self.backoff_cap, self.backoff_base * (2 ** (attempt - 1)))
-        # Full jitter keeps N workers that failed together from retrying together.
-        return float(ceiling * (0.5 + 0.5 * self.rand()))
+        """Seconds before retry number ``attempt``: the backoff, or ``Retry-After`` when
+        that is longer (capped at ``max_retry_after``)."""
+        ceiling = min(self.backoff_cap, self.backoff_base * (2 ** (max(1, attempt) - 1)))
+        # Jitter keeps N workers that failed together from retrying together.
+        backoff = float(ceiling * (0.5 + 0.5 * self.rand()))
+        if retry_after is None:
+            return backoff
+        return max(backoff, min(retry_after, self.max_retry_after))
 
-    def allows(self, attempt: int) -> bool:
-        return self.max_retries is None or attempt <= self.max_retries
+    def gives_up(self, retries: int, first_failed: float, at: float) -> bool:
+        """True when retry number ``retries`` of a batch that first failed at
+        ``first_failed``, made at ``at`` (both monotonic seconds), exceeds a limit."""
+        if self.max_retries is not None and retries > self.max_retries:
+            return True
+        return self.budget is not None and at - first_failed > self.budget

@@ -17,6 +17,7 @@ cut and its connection dropped, never kept in memory.
 from __future__ import annotations
 
 import base64
+import dataclasses
 
 # Loaded here, at import, in the main thread: urllib3 encodes every host name with the
 # "idna" codec, and a codec first looked up from a consumer thread (here: in a gunicorn
@@ -53,6 +54,8 @@ MAX_BATCH_BYTES = 500_000
 # {"batch":[...],"sentAt":"2026-01-01T00:00:00.000+00:00"} minus the messages.
 ENVELOPE_BYTES = 64
 USER_AGENT = f"{LIBRARY_NAME}/{__version__} (python)"
+#: Connections kept per endpoint at most (the process's sender threads, :mod:`cdpmp._engine`).
+MAX_CONNECTIONS = 16
 #: Bytes of a response body read at most (the API answers a few dozen).
 MAX_RESPONSE_BYTES = 64 * 1024
 
@@ -120,7 +123,10 @@ class Transport:
     def _pool(self) -> urllib3.PoolManager:
         pid = os.getpid()
         if self._pid != pid or self._local_pool is None:
-            kwargs: Dict[str, Any] = {"num_pools": 2, "maxsize": 4, "retries": False}
+            # One connection per request the lane may have in flight: a smaller pool
+            # discards (and re-opens) connections ("Connection pool is full").
+            maxsize = max(1, min(self.settings.max_in_flight, MAX_CONNECTIONS))
+            kwargs: Dict[str, Any] = {"num_pools": 2, "maxsize": maxsize, "retries": False}
             if self.settings.endpoint.startswith("https:"):
                 kwargs.update(cert_reqs="CERT_REQUIRED", ssl_context=_ssl_context())
             if self._proxy:
@@ -202,22 +208,30 @@ class Transport:
 
     def send(self, messages: List[bytes]) -> Attempt:
         """Deliver one batch with retries, inline (``sync_mode``); the result says how
-        (``error`` None on success) and how many requests and retries it took. Without
-        ``retry_budget`` the retries last one ``timeout`` at most: this path blocks its
-        caller, where the queued modes hold a failing batch instead."""
+        (``error`` None on success) and how many requests and retries it took. The
+        retry policy decides *wait / give up* as in the queued modes; without
+        ``retry_budget`` its budget is one ``timeout``: this path blocks its caller,
+        where the queued modes hold a failing batch instead."""
         body = self._encode(messages)
-        budget = self.policy.budget if self.policy.budget is not None else self.settings.timeout
-        end = time.monotonic() + budget
+        policy = self.policy
+        if policy.budget is None:
+            policy = dataclasses.replace(policy, budget=self.settings.timeout)
         requests = retries = 0
+        first_failed = 0.0
         while True:
             requests += 1
             now = time.monotonic()
-            attempt = self._attempt(body, min(now + self.settings.timeout, max(end, now + 0.05)))
+            end = now + self.settings.timeout
+            if first_failed and policy.budget is not None:
+                end = min(end, max(first_failed + policy.budget, now + 0.05))
+            attempt = self._attempt(body, end)
             error = attempt.error
-            if error is None or error.final or not self.policy.allows(retries + 1):
+            if error is None or error.final:
                 return Attempt(error, requests, retries, attempt.retry_after)
-            delay = self.policy.delay(retries + 1, attempt.retry_after)
-            if delay > end - time.monotonic():  # the wait would overrun the budget
+            now = time.monotonic()
+            first_failed = first_failed or now
+            delay = policy.delay(retries + 1, attempt.retry_after)
+            if policy.gives_up(retries + 1, first_failed, now + delay):
                 return Attempt(error, requests, retries, attempt.retry_after)
             retries += 1
             logger.debug("cdpmp: retry %d in %.2fs after %s", retries, delay, error)

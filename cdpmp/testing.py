@@ -27,6 +27,7 @@ import gzip
 import random
 import socket
 import ssl
+import sys
 import threading
 import time
 import urllib.parse
@@ -87,6 +88,7 @@ class RequestRecord:
     messages: int
     error: str = ""
     via_proxy: bool = False
+    peer: str = ""  # the client's "host:port": one value per connection it used
 
 
 class Collector:
@@ -298,8 +300,6 @@ class _QuietServer(ThreadingHTTPServer):
     """Clients that time out and hang up are part of the tests, not errors."""
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        import sys
-
         if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError, ssl.SSLError)):
             super().handle_error(request, client_address)
 
@@ -322,6 +322,7 @@ def _make_handler(collector: Collector) -> type:
             pass  # quiet: the collector's records are the log
 
         def _answer(self, status: int, body: bytes, retry_after: Optional[str] = None) -> None:
+            self._ended()  # before the answer: a client may send its next request once it has it
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -334,9 +335,15 @@ def _make_handler(collector: Collector) -> type:
             with collector._cond:
                 collector._active += 1
                 collector.peak_concurrency = max(collector.peak_concurrency, collector._active)
+            self._active = True
             try:
                 self._post()
             finally:
+                self._ended()
+
+        def _ended(self) -> None:  # this request no longer counts in ``peak_concurrency``
+            if getattr(self, "_active", False):
+                self._active = False
                 with collector._cond:
                     collector._active -= 1
 
@@ -356,6 +363,7 @@ def _make_handler(collector: Collector) -> type:
                 "user_agent": self.headers.get("User-Agent", ""),
                 "content_encoding": self.headers.get("Content-Encoding", ""),
                 "body_bytes": len(raw),
+                "peer": f"{self.client_address[0]}:{self.client_address[1]}",
             }
             try:
                 batch = collector._check(self.headers, raw)
@@ -384,11 +392,9 @@ def _make_handler(collector: Collector) -> type:
             )
             if fault.delay:
                 time.sleep(fault.delay)
-            body = (
-                fault.body
-                if fault.body is not None
-                else (b"{}" if accepted else orjson.dumps({"code": "fault", "message": "scripted fault"}))
-            )
+            body = fault.body
+            if body is None:
+                body = b"{}" if accepted else orjson.dumps({"code": "fault", "message": "scripted fault"})
             self._answer(status, body, fault.retry_after)
 
     return Handler

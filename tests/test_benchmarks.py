@@ -52,7 +52,13 @@ def test_quick_benchmark_writes_results_charts_and_report(tmp_path: Path) -> Non
         for r in network["sweep"] + network["outage"]
         if r["client"].startswith("cdpmp")
     )
+    engine = data["engine"]["placements"]
+    assert set(engine) == {"out", "in"} and all(
+        set(rows) >= {"official", "direct", "floor"} for rows in engine.values()
+    )
+    assert all(row["delivered_ratio"] == 1.0 for name, row in engine["out"].items() if name != "floor")
     assert "## 4. Behind a real network" in (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## 1b. The delivery engine" in (tmp_path / "BENCHMARKS.md").read_text()
     report = (tmp_path / "BENCHMARKS.md").read_text()
     assert "## Targets" in report and "python -m benchmarks --quick" in report
 

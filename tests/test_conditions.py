@@ -15,13 +15,11 @@ import textwrap
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Iterator, List, Tuple
 
 import pytest
 
 import cdpmp
-from cdpmp._engine import Lane
-from cdpmp._retry import RetryPolicy
 from cdpmp.testing import Collector, Conditions, Fault, Outage
 
 pytestmark = pytest.mark.timeout(240)
@@ -315,35 +313,6 @@ def test_a_huge_response_body_is_not_read_whole() -> None:
     finally:
         client.shutdown(timeout=2)
         trickler.close()
-
-
-# -- the lane's policy ----------------------------------------------------------------------
-
-
-def test_lane_grows_with_a_backlog_and_probes_alone_while_failing() -> None:
-    lane = Lane(max_in_flight=4, policy=RetryPolicy(backoff_base=0.0, backoff_cap=0.0))
-    history: Dict[str, List[int]] = {"limit": []}
-    for _ in range(6):
-        lane.started()
-        lane.succeeded(backlog=True)
-        history["limit"].append(lane.limit)
-    assert history["limit"] == [2, 3, 4, 4, 4, 4]  # +1 per success with a backlog, capped
-    lane.started()
-    lane.failed(retry_after=None)
-    assert lane.limit == 2 and lane.slots(time.monotonic()) == 1  # one probe at a time
-    lane.started()
-    lane.failed(retry_after=None)
-    assert lane.slots(time.monotonic()) == 1 and lane.failures == 2
-    lane.started()
-    lane.succeeded(backlog=False)
-    assert lane.failures == 0 and lane.limit == 1
-
-
-def test_lane_honours_retry_after() -> None:
-    lane = Lane(max_in_flight=4)
-    lane.started()
-    assert lane.failed(retry_after=3.0) == 3.0
-    assert lane.slots(time.monotonic()) == 0 and 2.5 < lane.wait(time.monotonic()) <= 3.0
 
 
 def test_the_uploader_heartbeats_while_a_slow_request_is_in_flight(runtime_dir: str) -> None:

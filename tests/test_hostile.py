@@ -156,7 +156,7 @@ def test_a_number_json_cannot_hold_is_sent_as_text_and_delivery_goes_on(
 
 
 def _consumers() -> int:
-    return sum(t.name == "cdpmp-consumer" and t.is_alive() for t in threading.enumerate())
+    return sum(t.name == "cdpmp-sender" and t.is_alive() for t in threading.enumerate())
 
 
 def test_reassigning_module_settings_never_leaks_clients_threads_or_sockets(collector: Collector) -> None:

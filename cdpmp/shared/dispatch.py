@@ -3,8 +3,9 @@
 :class:`Dispatch` owns everything between the ring and the endpoint for one uploader
 (the process side — election, signals, draining, idle exit, replaced files — is
 :class:`cdpmp.shared.uploader.Uploader`, its subclass). Only the uploader's main
-thread calls these methods and touches the ring; requests run on sender threads
-(:class:`cdpmp._engine.Workers`) and come back through ``_done``.
+thread calls these methods and touches the ring; requests run on the process's sender
+threads (:meth:`cdpmp._engine.Engine.submit`) and come back through ``_done``, settled
+by the same rule as direct mode's (:func:`cdpmp._engine.settle`).
 
 State, per pass: every record between ``head`` and ``_cursor`` has been parsed once,
 into ``_window`` (ring order, for releasing the done prefix) and, until it is started,
@@ -24,11 +25,11 @@ import threading
 import time
 from typing import Deque, Dict, List, Optional, Set, Tuple
 
-from .._engine import PROBE_POLICY, Held, Lane, Outcome, Workers, deliver
+from .._engine import Held, Lane, Outcome, backlogged, deliver, engine, settle, take_batch
 from .._options import Settings, from_source_entry
 from .._outcome import internal_error
 from .._retry import RetryPolicy
-from .._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES, Attempt, Transport
+from .._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES, Transport
 from ..errors import CdpmpError, DeliveryError
 from .files import append_dead_letter, read_sources
 from .layout import CORRUPT, Record
@@ -41,7 +42,6 @@ ORPHAN_GRACE = 30.0  # seconds a record of a source missing from sources.json is
 WINDOW_RECORDS = 5000
 WINDOW_BYTES = 4 << 20
 MAX_RECORDS_READ = 200_000  # records held in memory at most (the host limit is lower)
-MAX_SENDERS = 64  # sender threads, all sources together (each lane has its own cap)
 _ROOM = MAX_BATCH_BYTES - ENVELOPE_BYTES
 
 
@@ -65,8 +65,7 @@ class Dispatch:
         self._acked: Set[int] = set()  # starts of records done but not yet released
         self._flying: Set[int] = set()  # starts of records whose request is in progress
         self._tries: Dict[int, Tuple[int, float]] = {}  # start -> (retries, first failure)
-        self._done: queue.SimpleQueue[Tuple[int, Held, Outcome]] = queue.SimpleQueue()
-        self._workers = Workers(MAX_SENDERS, "cdpmp-upload")
+        self._done: queue.SimpleQueue[Tuple[int, Held, Outcome, float, float]] = queue.SimpleQueue()
         self._backoff_until = 0.0
         self._failures = 0
         self._recount = False
@@ -85,7 +84,8 @@ class Dispatch:
                 continue
             self._sources[sid] = settings
             self._transports[sid] = Transport(settings)
-            self._lanes[sid] = Lane(settings.max_in_flight)
+            policy = RetryPolicy(max_retries=settings.max_retries, budget=settings.retry_budget)
+            self._lanes[sid] = Lane(settings.max_in_flight, policy)
 
     def _pause(self, seconds: float) -> None:
         """Wait for a finished request (handled at once) or ``seconds``."""
@@ -202,7 +202,7 @@ class Dispatch:
             settings, lane = self._sources[sid], self._lanes[sid]
             due = draining or now - self._seen.get(sid, now) >= settings.upload_interval
             while pending and lane.slots(now) > 0:
-                batch = _take(pending, settings.upload_size)
+                batch, _ = take_batch(pending, settings.upload_size, _ROOM, _payload_size)
                 if len(batch) < settings.upload_size and not pending and not due:
                     pending.extendleft(reversed(batch))  # not full, not due: let it fill
                     break
@@ -220,54 +220,41 @@ class Dispatch:
         self._flying.update(r.start for r in batch)
 
         def run() -> None:
-            try:
-                outcome = deliver(transport, _payloads, batch, deadline)
-            except Exception as exc:  # noqa: BLE001 - settled as an internal error, never lost
-                outcome = [(batch, Attempt(internal_error("the uploader", exc), 0, 0))]
-            self._done.put((sid, job, outcome))
+            self._done.put((sid, job, *deliver(transport, _payloads, job, deadline)))
 
-        if not self._workers.submit(run):
+        if not engine().submit(run):
             run()
 
-    def _settle(self, sid: int, job: Held, outcome: Outcome) -> None:
+    def _settle(self, sid: int, job: Held, outcome: Outcome, wall: float, cpu: float) -> None:
         """Account for one finished request; its records become done, or stay in the
         ring for a later probe (retryable failure)."""
-        lane, settings = self._lanes[sid], self._sources[sid]
+        lane = self._lanes[sid]
         self._jobs.discard(job)
         if id(job) in self._stale:  # started before the ring was replaced: its records moved
             self._stale.discard(id(job))
             lane.finished()
             return
         self._flying.difference_update(r.start for r in job.items)
-        retry: Optional[Attempt] = None
-        for part, attempt in outcome:
-            self.ring.bump("requests", attempt.requests)
-            error = attempt.error
-            if error is None:
-                self.ring.bump("sent", len(part))
-                self.ring.bump("batches")
-                self._done_with(part)
-            elif error.final:
-                self._dead_letter(sid, part, error)
-            else:
-                retry = attempt
-                held = Held(part, job.retries + 1, job.first_failed or time.monotonic())
-                if held.exhausted(settings, PROBE_POLICY.delay(held.retries, attempt.retry_after)):
-                    self._dead_letter(sid, part, error)
-                else:
-                    for rec in part:
-                        self._tries[rec.start] = (held.retries, held.first_failed)
-                    self._pending[sid].extendleft(reversed(part))  # first in line for the probe
+        pending = self._pending.setdefault(sid, collections.deque())
+        done = settle(lane, job, outcome, backlogged(pending, self._sources[sid].upload_size), wall, cpu)
+        self.ring.bump("requests", done.requests)
+        for part in done.delivered:
+            self.ring.bump("sent", len(part))
+            self.ring.bump("batches")
+            self._done_with(part)
+        for error, part in done.losses:
+            self._dead_letter(sid, part, error)
+        for held in reversed(done.retry):
+            for rec in held.items:
+                self._tries[rec.start] = (held.retries, held.first_failed)
+            pending.extendleft(reversed(held.items))  # first in line for the probe
         if job.retries:
             self.ring.bump("retries")
-        if retry is not None and retry.error is not None:
-            pause = lane.failed(retry.retry_after)
-            self.ring.set_error(str(retry.error))
-            logger.warning("cdpmp uploader: %s; keeping the batch, next probe in %.1fs", retry.error, pause)
-        elif any(a.error is None for _, a in outcome):
-            lane.succeeded(backlog=len(self._pending.get(sid, ())) >= settings.upload_size)
-        else:
-            lane.finished()
+        if done.error is not None:
+            self.ring.set_error(str(done.error))
+            logger.warning(
+                "cdpmp uploader: %s; keeping the batch, next probe in %.1fs", done.error, done.pause
+            )
 
     def _done_with(self, records: List[Record]) -> None:
         for rec in records:
@@ -319,14 +306,5 @@ def _payloads(records: List[Record]) -> List[bytes]:
     return [r.payload for r in records]
 
 
-def _take(pending: Deque[Record], upload_size: int) -> List[Record]:
-    """The next batch: at most ``upload_size`` records and 500 KB, in ring order."""
-    batch: List[Record] = []
-    size = 0
-    while pending and len(batch) < upload_size:
-        item = len(pending[0].payload) + 1
-        if batch and size + item > _ROOM:
-            break
-        batch.append(pending.popleft())
-        size += item
-    return batch
+def _payload_size(record: Record) -> int:
+    return len(record.payload)
