@@ -202,20 +202,18 @@ class Ledger:
         self._reported = 0  # losses already summed up by report_losses()
 
     def report_losses(self) -> None:
-        """One WARNING with the total given up and the reasons, if it grew since the
-        last report (called at every shutdown, so at every exit path we drain on)."""
+        """One WARNING for this client if its losses grew since the last report (an
+        explicit ``shutdown()``; the exit path reports the whole process instead)."""
+        report_losses([self], "a client of process %d has given up %d event(s) (%s)")
+
+    def grew(self) -> bool:
+        """Whether losses grew since the last report; they now count as reported."""
         with self.lock:
             total = sum(self.dropped.values())
             if total <= self._reported:
-                return
+                return False
             self._reported = total
-            reasons = ", ".join(f"{n} {why}" for why, n in self.dropped.items() if n)
-        logger.warning(
-            "cdpmp: process %d gave up %d event(s) in total (%s); see stats()['dropped']",
-            os.getpid(),
-            total,
-            reasons,
-        )
+            return True
 
     def delivered(self, count: int) -> None:
         with self.lock:
@@ -227,16 +225,22 @@ class Ledger:
             self.requests += requests
             self.retries += retries
 
-    def lost(self, error: DeliveryError, batch: Batch, reason: Optional[DropReason] = None) -> None:
+    def lost(
+        self,
+        error: DeliveryError,
+        batch: Batch,
+        reason: Optional[DropReason] = None,
+        events: Optional[int] = None,
+    ) -> None:
         """Count, log and report events given up. ``batch`` holds messages, as dicts
-        or as their serialised bytes (decoded only if ``on_error`` wants them)."""
+        or as their serialised bytes (decoded only if ``on_error`` wants them);
+        ``events``: how many were given up when not all of them are in ``batch``."""
         why = loss_reason(error) if reason is None else reason
+        n = len(batch) if events is None else events
         with self.lock:
-            self.dropped[why] += len(batch)
+            self.dropped[why] += n
             self.last_error = str(error)
-        self.log.warning(
-            why, "cdpmp: %d event(s) given up (%s): %s; see stats()['dropped']", len(batch), why, error
-        )
+        self.log.warning(why, "cdpmp: %d event(s) given up (%s): %s; see stats()['dropped']", n, why, error)
         if not self.on_error:
             return
         try:
@@ -264,3 +268,18 @@ class Ledger:
                 last_error=self.last_error,
                 host=host,
             )
+
+
+def report_losses(ledgers: List[Ledger], line: str = "process %d gave up %d event(s) in total (%s)") -> None:
+    """ONE WARNING for ``ledgers`` together (their totals by reason) when any of them
+    lost events since it was last reported: at exit, every client of the process in
+    one line (two clients once printed two lines, each claiming the process's total)."""
+    if not [ledger for ledger in ledgers if ledger.grew()]:  # every one asked: all marked
+        return
+    totals: Dict[str, int] = {}
+    for ledger in ledgers:
+        with ledger.lock:
+            for why, n in ledger.dropped.items():
+                totals[why] = totals.get(why, 0) + n
+    reasons = ", ".join(f"{n} {why}" for why, n in totals.items() if n)
+    logger.warning("cdpmp: " + line + "; see stats()['dropped']", os.getpid(), sum(totals.values()), reasons)

@@ -32,6 +32,7 @@ import weakref
 from typing import Any, Callable, Dict, List, Optional, Protocol, TypeVar
 
 from ._options import Settings
+from ._outcome import Ledger, report_losses
 
 T = TypeVar("T")
 BOOT_BUDGET = 1.0  # seconds a threadless master's inline send may take (see inline_deadline)
@@ -41,6 +42,7 @@ class Member(Protocol):
     """What the process registry needs from a client."""
 
     settings: Settings
+    _ledger: Ledger
 
     def _reset_after_fork(self) -> None: ...
 
@@ -54,6 +56,7 @@ class ProcessState:
         self._live: weakref.WeakSet[Member] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._exit_hook = False
+        self.draining_all = False  # drain_all() is shutting every client down
         # False when the host runs no background threads (uWSGI without
         # enable-threads): sinks then send due batches on the calling thread.
         self.threads_available = True
@@ -145,10 +148,16 @@ class ProcessState:
         """
         drained = True
         start = time.monotonic()
-        for member in self.members():
-            budget = member.settings.exit_timeout if timeout is None else timeout
-            remaining = max(0.0, budget - (time.monotonic() - start))
-            drained = member.shutdown(timeout=remaining) and drained
+        members = self.members()
+        self.draining_all = True  # clients leave the loss report to the line below
+        try:
+            for member in members:
+                budget = member.settings.exit_timeout if timeout is None else timeout
+                remaining = max(0.0, budget - (time.monotonic() - start))
+                drained = member.shutdown(timeout=remaining) and drained
+        finally:
+            self.draining_all = False
+        report_losses([member._ledger for member in members])  # one line per process
         return drained
 
 

@@ -338,7 +338,8 @@ class Client:
         Every loss since the last shutdown is summed up in one WARNING line (the
         per-reason warnings at the time are rate-limited)."""
         drained = self._sink.shutdown(DEFAULT_FLUSH_TIMEOUT if timeout is None else timeout)
-        self._ledger.report_losses()
+        if not PROCESS.draining_all:  # at exit, one line for the whole process
+            self._ledger.report_losses()
         return drained
 
     def join(self, timeout: Optional[float] = None) -> bool:

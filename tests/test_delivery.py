@@ -341,6 +341,27 @@ def test_settings_change_after_first_call_takes_effect(collector: Collector) -> 
         assert other.requests[0].content_encoding == "gzip"
 
 
+def test_a_process_with_two_clients_sums_up_its_losses_in_one_line(collector: Collector) -> None:
+    from cdpmp.testing import Conditions
+
+    collector.set_conditions(Conditions(fault_rate=1.0, fault_status=400, seed=1))
+    script = f"""
+        import cdpmp
+        clients = [cdpmp.Client({collector.write_key!r}, endpoint={collector.url!r}, upload_size=10)
+                   for _ in range(2)]
+        for n, client in enumerate(clients):
+            for i in range(30 + n * 10):
+                client.track("u", "E", message_id=f"c{{n}}-{{i}}")
+            assert client.flush(10)
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    totals = [line for line in done.stderr.splitlines() if "in total" in line]
+    assert len(totals) == 1 and "gave up 70 event(s) in total (70 rejected)" in totals[0], done.stderr
+
+
 def test_every_loss_is_summed_up_at_exit_without_any_logging_setup(collector: Collector) -> None:
     """Losses are warned about as they happen (rate-limited per reason), and the exit
     names the full total with its reasons, through Python's default handler alone."""

@@ -23,6 +23,7 @@ import pytest
 
 import cdpmp
 from cdpmp._engine import HOLD, Held, Lane, settle
+from cdpmp._outcome import Ledger
 from cdpmp._process import ProcessState
 from cdpmp._retry import RetryPolicy
 from cdpmp._transport import Attempt
@@ -152,6 +153,7 @@ def test_one_exit_deadline_is_shared_by_every_client() -> None:
     class Member:
         settings = cdpmp._options.resolve({"write_key": "k", "exit_timeout": 1.0})
         given: List[float] = []
+        _ledger = Ledger(None)
 
         def _reset_after_fork(self) -> None:
             pass

@@ -21,6 +21,7 @@ import pytest
 
 import cdpmp
 from cdpmp._options import resolve, source_entry
+from cdpmp.shared import holding
 from cdpmp.shared.files import ensure_dir, write_source
 from cdpmp.shared.layout import CORRUPT, HEADER_SIZE, PAD, REC, RECORD, RingFormatError
 from cdpmp.shared.ring import Ring
@@ -118,7 +119,7 @@ def test_recount_repairs_a_count_left_wrong_by_a_crash(directory: str) -> None:
     for _ in range(7):
         ring.put(1, b"m")
     struct.pack_into("<Q", ring.mm, 48, 2)  # a producer died between its two stores
-    assert ring.recount() == 7 and ring.bounds()[2] == 7
+    assert holding.recount(ring) == 7 and ring.bounds()[2] == 7
 
 
 @pytest.mark.parametrize(
@@ -232,7 +233,7 @@ def test_each_source_is_held_to_its_own_limit(directory: str) -> None:
     assert sorted(ring.sources()) == [(1, 2, 5), (2, 20, 20)]
     assert sum(ring.put(1, b"a", limit=5) for _ in range(8)) == 3
     struct.pack_into("<Q", ring.mm, 1536 + 8, 99)  # drift left by a crash mid-put
-    assert ring.recount() == 25 and sorted(ring.sources()) == [(1, 5, 5), (2, 20, 20)]
+    assert holding.recount(ring) == 25 and sorted(ring.sources()) == [(1, 5, 5), (2, 20, 20)]
 
 
 def test_limits_follow_configuration_across_a_redeploy(runtime_dir: str, collector: Collector) -> None:

@@ -111,3 +111,8 @@ def test_dead_letters_are_bounded_by_the_tmpfs_and_the_overflow_counted(small_tm
         assert 0 < host["dead_letter_overflow"] < accepted  # some written, the rest counted
         letters = Path(small_tmpfs, "dead-letter.jsonl").stat().st_size
         assert letters <= 2 << 20
+        # A floor of free space stays for everything else on the file system.
+        from cdpmp.shared.files import FREE_FLOOR
+
+        vfs = os.statvfs(small_tmpfs)
+        assert vfs.f_bavail * vfs.f_frsize >= FREE_FLOOR

@@ -31,6 +31,7 @@ from .._outcome import internal_error
 from .._retry import RetryPolicy
 from .._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES, Transport
 from ..errors import CdpmpError, DeliveryError
+from . import holding
 from .files import append_dead_letter, read_sources
 from .layout import CORRUPT, Record
 from .ring import Ring
@@ -69,6 +70,7 @@ class Dispatch:
         self._backoff_until = 0.0
         self._failures = 0
         self._recount = False
+        self._settled: Dict[int, int] = {}  # source -> records done, not yet uncounted
         self._jobs: Set[Held] = set()  # requests in progress
         self._stale: Set[int] = set()  # ids of those started before the last _forget
 
@@ -132,7 +134,47 @@ class Dispatch:
             self._next_adoption = now + 1.0
             self._adopt(now)
         started = self._dispatch(draining, deadline, now)
-        return self._release(head) or started or progressed
+        if self._settled:  # what each source holds: its undelivered events (.holding)
+            holding.settle_counts(self.ring, self._settled)
+            self._settled = {}
+        released = self._release(head)
+        return self._recycle(now) or released or started or progressed
+
+    def _recycle(self, now: float) -> bool:
+        """Move the records of backing-off sources that hold the ring's head to its
+        tail, so that head passes what was delivered behind them (see
+        :mod:`.holding`); True if any moved."""
+        head, tail, _ = self.ring.peek()
+        if not self._window or not holding.crowded(self.ring, head, tail):
+            return False
+        failing = {sid for sid, lane in self._lanes.items() if lane.failures or lane.wait(now) > 0}
+        moved: List[Record] = []
+        blocked_others = False
+        for rec in self._window:
+            if rec.start in self._acked:
+                continue
+            if rec.source in failing and rec.payload and rec.start not in self._flying:
+                moved.append(rec)
+                continue
+            blocked_others = True  # a record of another source waits behind them
+            break
+        if not moved or not blocked_others:
+            return False
+        starts = holding.requeue(self.ring, [(r.source, r.payload) for r in moved])
+        moved = moved[: len(starts)]
+        for rec, start in zip(moved, starts):
+            tries = self._tries.pop(rec.start, None)
+            if tries is not None:
+                self._tries[start] = tries
+            self._acked.add(rec.start)  # the copy is the same event: still counted held
+        gone = {r.start for r in moved}
+        for sid in {r.source for r in moved}:
+            self._pending[sid] = collections.deque(r for r in self._pending[sid] if r.start not in gone)
+        if moved:
+            logger.info(
+                "cdpmp uploader: %d held record(s) moved to the tail, out of the others' way", len(moved)
+            )
+        return bool(moved) and self._release(self.ring.peek()[0])
 
     def _adopt(self, now: float) -> None:
         """Records of a source missing from ``sources.json`` (removed under us; its
@@ -148,7 +190,7 @@ class Dispatch:
                 self.ring.bump("unknown_source")
                 if not append_dead_letter(self.directory, rec.source, "unknown source", [rec.payload]):
                     self.ring.bump("dead_letter_overflow")
-                self._acked.add(rec.start)
+                self._done_with([rec])
             else:
                 kept.append((seen, rec))
         self._orphans = kept
@@ -168,6 +210,7 @@ class Dispatch:
         self._seen.clear()
         self._acked.clear()
         self._tries.clear()
+        self._settled.clear()
 
     def _read(self, tail: int) -> bool:
         records = self.ring.read(self._cursor, WINDOW_RECORDS, WINDOW_BYTES)
@@ -260,25 +303,24 @@ class Dispatch:
         for rec in records:
             self._acked.add(rec.start)
             self._tries.pop(rec.start, None)
+            self._settled[rec.source] = self._settled.get(rec.source, 0) + 1
 
     def _release(self, head: int) -> bool:
         """Advance head over the done prefix of the records read (in ring order)."""
         window, acked = self._window, self._acked
         new_head, released = head, 0
-        by_source: Dict[int, int] = {}
         while window and window[0].start in acked:
             rec = window.popleft()
             acked.discard(rec.start)
             new_head = rec.end
             if rec.payload and rec.source != CORRUPT:
                 released += 1
-                by_source[rec.source] = by_source.get(rec.source, 0) + 1
         if new_head == head:
             return False
-        self.ring.release(new_head, released, by_source)
+        self.ring.release(new_head, released)  # sources were uncounted at delivery
         if self._recount:
             self._recount = False
-            self.ring.recount()
+            holding.recount(self.ring, self._acked)
         return True
 
     def _quarantine(self, rec: Record) -> None:
@@ -297,7 +339,7 @@ class Dispatch:
         logger.warning(
             "cdpmp uploader: batch of %d given up (%s); written to dead-letter.jsonl", len(batch), error
         )
-        if not append_dead_letter(self.directory, sid, str(error), [r.payload for r in batch]):
+        if not append_dead_letter(self.directory, sid, error, [r.payload for r in batch]):
             self.ring.bump("dead_letter_overflow", len(batch))
         self._done_with(batch)
 

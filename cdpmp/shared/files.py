@@ -137,26 +137,42 @@ def write_source(directory: str, sid: int, entry: Dict[str, Any]) -> None:
 
 #: Bytes the dead-letter file may reach; what would pass it is counted, not written.
 DEAD_LETTER_LIMIT = 8 << 20
+#: Free space the dead letters always leave on their file system: at least this, or a
+#: tenth of its size if larger (a 2 MiB tmpfs was once filled to its last byte: the
+#: uploader's log, the sources file and every other tenant of /dev/shm need room).
+FREE_FLOOR = 256 << 10
 
 
-def append_dead_letter(directory: str, source: int, error: str, batch: List[bytes]) -> bool:
+def append_dead_letter(directory: str, source: int, error: object, batch: List[bytes]) -> bool:
     """Append one refused batch to the dead-letter file: each message as JSON, or as
     ``{"raw": base64}`` when it is not JSON (damaged bytes). False, writing nothing,
     when the line would take the file past :data:`DEAD_LETTER_LIMIT` or its file
-    system below twice the line's size: the caller counts the overflow."""
-    line = {"time": time.time(), "source": source, "error": error, "batch": [_entry(m) for m in batch]}
-    data = json.dumps(line).encode() + b"\n"
+    system below :func:`free_floor` after it: the caller counts the overflow."""
+    line: Dict[str, Any] = {"time": time.time(), "source": source, "error": str(error), "count": len(batch)}
+    status = getattr(error, "status", None)
+    if isinstance(status, int):  # an APIError: its producers rebuild it (.notices)
+        line.update(status=status, code=getattr(error, "code", ""), message=getattr(error, "message", ""))
+    short = json.dumps({**line, "batch": []}).encode() + b"\n"
+    data = json.dumps({**line, "batch": [_entry(m) for m in batch]}).encode() + b"\n"
     fd = open_private(os.path.join(directory, DEAD_LETTERS), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     try:
         vfs = os.fstatvfs(fd)
-        if os.fstat(fd).st_size + len(data) > DEAD_LETTER_LIMIT or vfs.f_bavail * vfs.f_frsize < 2 * len(
-            data
-        ):
-            return False
-        os.write(fd, data)
-        return True
+        size = os.fstat(fd).st_size
+        for attempt in (data, short):  # without its messages, the count still reaches them
+            room = vfs.f_bavail * vfs.f_frsize - len(attempt)
+            if size + len(attempt) <= DEAD_LETTER_LIMIT + (
+                4096 if attempt is short else 0
+            ) and room >= free_floor(vfs):
+                os.write(fd, attempt)
+                return attempt is data
+        return False
     finally:
         os.close(fd)
+
+
+def free_floor(vfs: os.statvfs_result) -> int:
+    """Bytes the dead letters leave free on a file system (see :data:`FREE_FLOOR`)."""
+    return max(FREE_FLOOR, vfs.f_blocks * vfs.f_frsize // 10)
 
 
 def _entry(message: bytes) -> Any:

@@ -20,6 +20,7 @@ from .layout import (
     COUNTERS_AT,
     ERROR_AT,
     ERROR_LEN,
+    F64,
     HEAD_TAIL_COUNT,
     SLOT,
     SLOTS,
@@ -28,7 +29,9 @@ from .layout import (
     SOURCES_AT,
     SPAWN_AT,
     SRC,
+    U64,
     UPLOADER,
+    store,
 )
 
 
@@ -53,12 +56,12 @@ class RingHeader:
 
     def register_producer(self, pid: int, create_time: float) -> None:
         """Record this process in a free (or dead) producer slot; best effort."""
-        with self._locked():
+        with self._locked(0.5):
             for i in range(SLOTS):
                 at = SLOTS_AT + i * SLOT.size
                 slot_pid, _ = SLOT.unpack_from(self.mm, at)
                 if slot_pid in (0, pid) or not pid_alive(slot_pid):
-                    SLOT.pack_into(self.mm, at, pid, create_time)
+                    store(self.mm, at, SLOT, pid, create_time)
                     return
 
     def producers(self) -> List[Tuple[int, float]]:
@@ -71,10 +74,10 @@ class RingHeader:
 
     def set_uploader(self, pid: int, create_time: float) -> None:
         with self._locked():
-            UPLOADER.pack_into(self.mm, 160, pid, create_time, time.time())
+            store(self.mm, 160, UPLOADER, pid, create_time, time.time())
 
     def heartbeat(self) -> None:
-        struct.pack_into("<d", self.mm, 176, time.time())
+        store(self.mm, 176, F64, time.time())
 
     def uploader(self) -> Tuple[int, float, float]:
         """(pid, create time, heartbeat) as last published."""
@@ -87,22 +90,22 @@ class RingHeader:
             (last,) = struct.unpack_from("<d", self.mm, SPAWN_AT)
             if now - last < min_interval:
                 return False
-            struct.pack_into("<d", self.mm, SPAWN_AT, now)
+            store(self.mm, SPAWN_AT, F64, now)
             self._bump_locked("spawns")
             return True
 
     def _bump_locked(self, name: str, n: int = 1) -> None:
         at = COUNTERS_AT + 8 * COUNTERS.index(name)
         (value,) = struct.unpack_from("<Q", self.mm, at)
-        struct.pack_into("<Q", self.mm, at, value + n)
+        store(self.mm, at, U64, value + n)
 
     def bump(self, name: str, n: int = 1) -> None:
         with self._locked():
             self._bump_locked(name, n)
 
-    def set_error(self, text: str) -> None:
+    def set_error(self, text: str, timeout: Optional[float] = None) -> None:
         raw = text.encode("utf-8", "replace")[: ERROR_LEN - 1]
-        with self._locked():
+        with self._locked(timeout):
             self.mm[ERROR_AT : ERROR_AT + ERROR_LEN] = raw.ljust(ERROR_LEN, b"\0")
 
     def counters(self) -> HostStats:

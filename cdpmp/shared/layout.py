@@ -23,6 +23,8 @@ Header (``HEADER_SIZE`` = 4096 bytes)::
     448  64 x (Q pid, d create time): producer slots (processes that used the ring)
     1536 64 x (Q source, Q count, Q limit): per-source slots (records held, and the
          limit its producers last asked for: their max_queue_size)
+    3072 64 x (Q source, Q offset): how far each source's producers have read
+         ``dead-letter.jsonl`` (:mod:`.notices`; zero in rings made before it)
 
 Data area, from ``HEADER_SIZE``: records, each 8-byte aligned::
 
@@ -34,6 +36,25 @@ the rest (or, when fewer than 16 bytes remain, by nothing: readers skip such a
 remainder). The reader validates marker, length and bounds of every record; damaged
 bytes are skipped up to the next valid record and handed on as one ``CORRUPT`` record
 (quarantined by the uploader), so they never stop what follows.
+
+Reads without the lock, and why each is safe. Every write to the map goes through
+:func:`.layout.store`: one copy of already-packed bytes, never ``pack_into`` (which
+zeroes its target first, so a lock-free reader saw values no writer stored). Each
+field below is an aligned 8-byte word, so a reader sees its old or its new value:
+
+* ``head``, ``tail`` (:meth:`Ring.peek`: ``flush()``'s drained test, a signal
+  handler's wait): they only grow; a waiter compares them with a value read earlier.
+* ``count`` and the per-source counts (:meth:`Ring.peek`, ``stats()["host"]``): each
+  a value once stored; read together with head/tail they may be from neighbouring
+  moments (a snapshot, not a transaction), never a torn or zeroed word. ``count`` is
+  stored before the ``tail`` (a put) or ``head`` (a release) it goes with; on x86-64
+  stores become visible in order, so a reader that has seen a new head or tail reads
+  a count at least as new (``flush()`` then ``stats()`` agree); on weaker memory
+  models (ARM) the two may be seen in either order for an instant.
+* the host counters (``stats()["host"]``, ``cdpmp stats``, Prometheus): they only
+  grow, so a reader never sees one fall.
+* the uploader's pid and heartbeat (liveness checks): a stale value only delays a
+  restart by one check.
 
 The file is reserved in full when it is created (``posix_fallocate``; a sparse file
 left by an older version is reserved when opened): a write into a page the tmpfs
@@ -62,7 +83,6 @@ RECORD = 0xCD9A0001
 PAD = 0xCD9AFFFF
 REC = struct.Struct("<IIQ")
 HEAD_TAIL_COUNT = struct.Struct("<QQQ")
-TAIL_COUNT = struct.Struct("<QQ")  # tail at 40, count at 48: one store publishes both
 COUNTERS = (
     "accepted",
     "queue_full",
@@ -87,6 +107,20 @@ SLOTS, SLOTS_AT = 64, 448
 SLOT = struct.Struct("<Qd")
 SOURCES, SOURCES_AT = 64, 1536
 SRC = struct.Struct("<QQQ")
+NOTICES_AT = 3072  # 64 x (Q source, Q dead-letter offset read up to): see .notices
+F64 = struct.Struct("<d")
+
+
+def store(mm: mmap.mmap, at: int, layout: struct.Struct, *values: object) -> None:
+    """Write ``values`` at ``at`` with ONE copy of the packed bytes: the only way the
+    ring is written. ``layout.pack_into(mm, ...)`` first zeroes its target and then
+    writes each field, so a process reading without the lock could see a ``count``
+    of 0, or a counter fall, that no writer ever stored (measured: 345 "empty" and
+    959 falling reads of 229,045 while another process wrote). ``mm[a:b] = bytes``
+    is one ``memcpy``, which moves each aligned 8-byte word in one store."""
+    mm[at : at + layout.size] = layout.pack(*values)
+
+
 MAX_PAYLOAD = 32 * 1024 + 1024
 #: The source of a :class:`Record` holding damaged bytes instead of a message.
 CORRUPT = (1 << 64) - 1

@@ -22,6 +22,7 @@ from __future__ import annotations
 import atexit
 import fcntl
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -30,7 +31,7 @@ from typing import Dict, List, Tuple
 import psutil
 
 from .._options import ENV
-from .files import UPLOADER_LOCK, open_log, open_private, runtime_dir
+from .files import UPLOADER_LOCK, UPLOADER_LOG, RuntimeDirError, open_log, open_private, runtime_dir
 from .header import pid_alive
 from .ring import Ring
 
@@ -44,6 +45,7 @@ _LAUNCHER = (
 )
 _launchers: List[subprocess.Popen[bytes]] = []
 _reap_at_exit: List[bool] = []
+_spawned: List[float] = []  # when this process last started an uploader not yet seen alive
 
 
 def alive(ring: Ring) -> bool:
@@ -131,12 +133,58 @@ def spawn(directory: str) -> None:
     _launchers.append(proc)
 
 
+def preflight(directory: str) -> None:
+    """Raise :class:`RuntimeDirError` saying why no uploader can start here: a file
+    planted where the uploader's lock or log goes (a symlink, a FIFO, another owner's
+    file) makes every uploader exit at once, its reason only in a log it cannot open."""
+    for name in (UPLOADER_LOCK, UPLOADER_LOG):
+        path = os.path.join(directory, name)
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+            kind = (
+                "symlink" if stat.S_ISLNK(info.st_mode) else "FIFO" if stat.S_ISFIFO(info.st_mode) else "file"
+            )
+            raise RuntimeDirError(
+                f"{path} is a {kind} that is not a regular file of ours: no uploader can start "
+                "until it is removed; events wait in the ring"
+            )
+
+
+def _gone_since_spawn(ring: Ring, directory: str) -> None:
+    """Raise when an uploader this process started did not come up: the reason is the
+    last line of ``uploader.log`` (what the uploader said before it exited)."""
+    if not _spawned or time.monotonic() - _spawned[-1] < 2 * STALE_AFTER:
+        return
+    _spawned.clear()
+    try:
+        with open(os.path.join(directory, UPLOADER_LOG), "rb") as log:
+            log.seek(max(0, os.fstat(log.fileno()).st_size - 2000))
+            tail = log.read().decode("utf-8", "replace").strip().splitlines()
+    except OSError:
+        tail = []
+    said = tail[-1][-300:] if tail else "nothing in uploader.log"
+    raise OSError(f"the uploader started {2 * STALE_AFTER:.0f}+ s ago is not running ({said})")
+
+
 def ensure(ring: Ring, directory: str, wait: float = 0.0) -> bool:
-    """Spawn an uploader if none is alive; with ``wait``, wait that long for it."""
+    """Spawn an uploader if none is alive; with ``wait``, wait that long for it.
+    Raises ``OSError`` saying why when no uploader can start (the caller warns, and
+    the reason is kept as the host's ``last_error`` for ``cdpmp stats``)."""
     if alive(ring):
+        _spawned.clear()
         return True
+    try:
+        preflight(directory)
+        _gone_since_spawn(ring, directory)
+    except OSError as exc:
+        ring.set_error(f"no uploader: {exc}", timeout=0.5)
+        raise
     if ring.claim_spawn(SPAWN_EVERY):
         spawn(directory)
+        _spawned.append(time.monotonic())
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if alive(ring):

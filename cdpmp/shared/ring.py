@@ -6,12 +6,17 @@ Lock discipline: every mutation of head/tail/count/counters happens under BOTH a
 ``threading.Lock`` (threads of one process share the lock fd, and ``flock`` does not
 exclude them) and ``fcntl.flock`` on ``ring.lock``, a file each process opens itself
 after fork: an inherited flock fd is the *same* lock and gives no exclusion. The kernel
-drops a flock when its holder dies, so a SIGKILLed producer can never wedge the ring
-(semaphores and pthread mutexes can). A writer copies the record bytes first and
-publishes them with one store of ``tail`` (count and tail are written by one
-``pack_into``), so a writer killed mid-copy leaves no visible partial record. Records
-are removed only by advancing ``head``, after the uploader's batch was acknowledged
-or definitively rejected: an uploader crash loses nothing.
+drops a flock when the last descriptor of its open file closes, so a SIGKILLed
+producer does not wedge the ring (semaphores and pthread mutexes can) unless a child it
+forked keeps that descriptor: every Python child closes it in the after-fork hook
+(:meth:`Ring.disown`), and a producer never waits for the lock longer than
+:data:`LOCK_WAIT` (a C ``fork()`` runs no hook). A writer copies the record bytes first and
+publishes them with one store of ``tail`` (written after ``count``),
+so a writer killed mid-copy leaves no visible partial record. Records are removed only
+by advancing ``head``, after the uploader's batch was acknowledged or definitively
+rejected: an uploader crash loses nothing.
+
+Which fields are read without the lock, and why each is safe: :mod:`.layout`.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import mmap
 import os
 import struct
 import threading
+import time
 import weakref
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -41,7 +47,6 @@ from .layout import (
     SOURCES,
     SOURCES_AT,
     SRC,
-    TAIL_COUNT,
     U64,
     Record,
     RingBusy,
@@ -51,7 +56,16 @@ from .layout import (
     flock_within,
     header_problem,
     reserve,
+    store,
 )
+
+#: Seconds a producer may wait for the ring lock. Past it the call is refused: a lock
+#: held that long is wedged (its holder died while a process it forked, that never
+#: called cdpmp, keeps the lock's file description open), and a request must not hang.
+LOCK_WAIT = 0.5
+#: Seconds after a wait that ran out during which a busy lock is refused at once.
+WEDGED_FOR = 2.0
+_OPEN: weakref.WeakSet[Ring] = weakref.WeakSet()  # this process's handles
 
 
 class Ring(RingHeader):
@@ -60,12 +74,14 @@ class Ring(RingHeader):
     def __init__(self, directory: str, capacity: int = 32 << 20, max_count: int = 10000) -> None:
         self.path = os.path.join(directory, "ring")
         self._lock_fd = open_private(os.path.join(directory, "ring.lock"))
+        self._wedged_until = 0.0
+        _OPEN.add(self)
         # A handle dropped without close() must not leak its lock descriptor.
         self._release_fd = weakref.finalize(self, _close_fd, self._lock_fd)
         self._tlock = threading.Lock()
         self._slots: Dict[int, int] = {}  # source -> offset of its slot (checked on use)
         try:
-            with self._locked():
+            with self._locked(LOCK_WAIT):
                 self.mm = self._map(capacity, max_count)
         except BaseException:
             self._release_fd()
@@ -87,8 +103,15 @@ class Ring(RingHeader):
                 size = HEADER_SIZE + fit(fd, aligned(capacity), self.path)
                 reserve(fd, size, self.path)
                 mm = mmap.mmap(fd, size)
-                struct.pack_into(
-                    "<8sIIQQ", mm, 0, MAGIC, FORMAT_VERSION, HEADER_SIZE, size - HEADER_SIZE, max_count
+                store(
+                    mm,
+                    0,
+                    struct.Struct("<8sIIQQ"),
+                    MAGIC,
+                    FORMAT_VERSION,
+                    HEADER_SIZE,
+                    size - HEADER_SIZE,
+                    max_count,
                 )
                 return mm
             if info.st_blocks * 512 < size:  # sparse: left by an older cdpmp, or truncated
@@ -108,10 +131,20 @@ class Ring(RingHeader):
             self.mm.close()
         self._release_fd()
 
+    def disown(self) -> None:
+        """Close the lock descriptor a forked child inherited, at once (the after-fork
+        hook): while any process holds that descriptor, a lock its parent held when it
+        died stays held for every producer of the host. The handle is unusable after
+        this; the child's sink opens its own on its first call."""
+        if self._release_fd.detach() is not None:
+            _close_fd(self._lock_fd)
+        self._lock_fd = -1
+
     @contextmanager
-    def locked(self) -> Iterator[None]:
-        """Host-wide mutual exclusion (also used to update the sources file)."""
-        with self._locked():
+    def locked(self, timeout: Optional[float] = LOCK_WAIT) -> Iterator[None]:
+        """Host-wide mutual exclusion (also used to update the sources file); raises
+        :class:`RingBusy` past ``timeout`` seconds (a producer never waits unbounded)."""
+        with self._locked(timeout):
             yield
 
     @contextmanager
@@ -141,39 +174,69 @@ class Ring(RingHeader):
         """Append one record; False (and ``queue_full`` counted) when the source holds
         ``limit`` records (its producer's ``max_queue_size``; 0: the ring's
         ``max_count``) or the ring has no room for the bytes."""
-        size = len(payload)
-        need = REC.size + ((size + 7) & ~7)
-        mm, cap = self.mm, self.capacity
+        mm = self.mm
         limit = limit or self.max_count
         # Explicit acquire/release instead of the _locked() context manager: this is
         # the producer's hot path and a generator-based context costs ≈1 µs.
-        with self._tlock:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        if not self._tlock.acquire(timeout=LOCK_WAIT):
+            raise RingBusy(f"the ring lock was held by this process for {LOCK_WAIT} s")
+        try:
+            self._flock_bounded()
             try:
                 head, tail, count = HEAD_TAIL_COUNT.unpack_from(mm, 32)
-                pos = tail % cap
-                gap = cap - pos if cap - pos < need else 0
                 at_src = self._source_slot(source)
                 held = U64.unpack_from(mm, at_src + 8)[0] if at_src else count
-                if held >= limit or (tail - head) + gap + need > cap:
+                if held >= limit or self._append_locked(source, payload, head, tail, count) < 0:
                     self._bump_locked("queue_full")
                     return False
-                if gap:
-                    if gap >= REC.size:
-                        REC.pack_into(mm, HEADER_SIZE + pos, gap - REC.size, PAD, 0)
-                    tail += gap
-                    pos = 0
-                at = HEADER_SIZE + pos
-                REC.pack_into(mm, at, size, RECORD, source)
-                mm[at + REC.size : at + REC.size + size] = payload
-                TAIL_COUNT.pack_into(mm, 40, tail + need, count + 1)
                 if at_src:
-                    SRC.pack_into(mm, at_src, source, held + 1, limit)
+                    store(mm, at_src, SRC, source, held + 1, limit)
                 (accepted,) = U64.unpack_from(mm, ACCEPTED_AT)
-                U64.pack_into(mm, ACCEPTED_AT, accepted + 1)
+                store(mm, ACCEPTED_AT, U64, accepted + 1)
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        finally:
+            self._tlock.release()
         return True
+
+    def _append_locked(self, source: int, payload: bytes, head: int, tail: int, count: int) -> int:
+        """Write one record at ``tail`` and publish it (tail and count in one store);
+        its offset, or -1 when the bytes do not fit. Under the lock."""
+        mm, cap, size = self.mm, self.capacity, len(payload)
+        need = REC.size + ((size + 7) & ~7)
+        pos = tail % cap
+        gap = cap - pos if cap - pos < need else 0
+        if (tail - head) + gap + need > cap:
+            return -1
+        if gap:
+            if gap >= REC.size:
+                store(mm, HEADER_SIZE + pos, REC, gap - REC.size, PAD, 0)
+            tail += gap
+            pos = 0
+        at = HEADER_SIZE + pos
+        store(mm, at, REC, size, RECORD, source)
+        mm[at + REC.size : at + REC.size + size] = payload
+        store(mm, 48, U64, count + 1)  # count before tail: whoever sees the new tail
+        store(mm, 40, U64, tail + need)  # sees its count too (stores stay in order)
+        return tail
+
+    def _flock_bounded(self) -> None:
+        """Take the host lock within :data:`LOCK_WAIT`; once a wait has run out, for
+        :data:`WEDGED_FOR` seconds a busy lock is refused at once (a wedged host must
+        not cost every call half a second)."""
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        now = time.monotonic()
+        if now < self._wedged_until:
+            raise RingBusy("the ring lock is held by another process (wedged)")
+        try:
+            flock_within(self._lock_fd, LOCK_WAIT)
+        except RingBusy:
+            self._wedged_until = now + LOCK_WAIT + WEDGED_FOR
+            raise
 
     def _source_slot(self, source: int) -> int:
         """Offset of ``source``'s slot, claiming a free one (an unused id, or one that
@@ -193,7 +256,7 @@ class Ring(RingHeader):
             if not free and (sid == 0 or held == 0):
                 free = at
         if free:
-            SRC.pack_into(mm, free, source, 0, 0)
+            store(mm, free, SRC, source, 0, 0)
             self._slots[source] = free
         return free
 
@@ -257,12 +320,12 @@ class Ring(RingHeader):
         """Every record still in the ring, which is then left empty: used to carry what
         a deleted or replaced ring held into its successor. Under the lock, so among
         all the processes that map this ring exactly one takes each record."""
-        with self._locked():
+        with self._locked(LOCK_WAIT):
             head, tail, _ = HEAD_TAIL_COUNT.unpack_from(self.mm, 32)
             records = self._parse(head, tail, 1 << 62, 1 << 62, tally=False)
-            struct.pack_into("<QQQ", self.mm, 32, tail, tail, 0)
+            store(self.mm, 32, HEAD_TAIL_COUNT, tail, tail, 0)
             for i in range(SOURCES):
-                U64.pack_into(self.mm, SOURCES_AT + i * SRC.size + 8, 0)
+                store(self.mm, SOURCES_AT + i * SRC.size + 8, U64, 0)
         return [r for r in records if r.payload and r.source != CORRUPT]
 
     def replaced(self) -> bool:
@@ -297,33 +360,23 @@ class Ring(RingHeader):
         with self._locked():
             head, tail, count = HEAD_TAIL_COUNT.unpack_from(self.mm, 32)
             new_head = min(max(new_head, head), tail)
-            struct.pack_into("<QQQ", self.mm, 32, new_head, tail, max(0, count - records))
+            store(self.mm, 48, U64, max(0, count - records))  # count first: whoever sees
+            store(self.mm, 32, U64, new_head)  # the new head (flush()) sees its count
             for source, n in (by_source or {}).items():
                 at = self._source_slot(source)
                 if at:
                     held = U64.unpack_from(self.mm, at + 8)[0]
-                    U64.pack_into(self.mm, at + 8, max(0, held - n))
+                    store(self.mm, at + 8, U64, max(0, held - n))
 
-    def recount(self) -> int:
-        """Recompute ``count`` and every source's count by walking head→tail (repairs
-        drift after a crash between a producer's stores)."""
-        with self._locked():
-            head, tail, _ = HEAD_TAIL_COUNT.unpack_from(self.mm, 32)
-        held: Dict[int, int] = {}
-        for r in self.read(head, 1 << 62, 1 << 62, tally=False):
-            if r.payload and r.source != CORRUPT:
-                held[r.source] = held.get(r.source, 0) + 1
-        n = sum(held.values())
-        with self._locked():
-            h, t, _ = HEAD_TAIL_COUNT.unpack_from(self.mm, 32)
-            if (h, t) == (head, tail):
-                struct.pack_into("<Q", self.mm, 48, n)
-                for i in range(SOURCES):
-                    at = SOURCES_AT + i * SRC.size
-                    sid = U64.unpack_from(self.mm, at)[0]
-                    if sid:
-                        U64.pack_into(self.mm, at + 8, held.get(sid, 0))
-        return n
+
+def _disown_inherited() -> None:
+    """After ``fork``, in the child: close every ring lock descriptor inherited."""
+    for ring in list(_OPEN):
+        ring.disown()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_disown_inherited)
 
 
 def _close_fd(fd: int) -> None:

@@ -35,9 +35,9 @@ from .._options import Settings, host_settings, source_entry
 from .._outcome import HostStats, Ledger
 from .._process import PROCESS
 from ..errors import ConfigurationError, DeliveryError, MessageRejected
-from . import lifecycle
+from . import lifecycle, notices
 from .files import RuntimeDirError, read_sources, runtime_dir, write_source
-from .layout import RingFormatError
+from .layout import RingBusy, RingFormatError
 from .ring import Ring
 
 logger = logging.getLogger("cdpmp")
@@ -76,8 +76,12 @@ class SharedSink:
         self._pid = os.getpid()
         self._ring, self._dir = open_ring(self._settings)
         self._source = source_id(self._settings)
-        with self._ring.locked():
-            write_source(self._dir, self._source, source_entry(self._settings))
+        try:
+            with self._ring.locked():
+                write_source(self._dir, self._source, source_entry(self._settings))
+                notices.register(self._ring, self._dir, self._source)
+        except RingBusy:
+            pass  # a wedged lock: refused at put(); the entry is written at a later check
         self._next_check = 0.0
         self._registered = False
         self._checking = threading.Lock()  # one check at a time: put() or the watch
@@ -96,10 +100,14 @@ class SharedSink:
         return self._ring
 
     def put(self, data: bytes) -> Optional[DeliveryError]:
-        ring = self._ring if self._pid == os.getpid() and self._ring is not None else self._here()
         refusal: Optional[DeliveryError] = None
         limit = self._settings.max_queue_size
-        if ring.put(self._source, data, limit):
+        try:
+            ring = self._ring if self._pid == os.getpid() and self._ring is not None else self._here()
+            accepted = ring.put(self._source, data, limit)
+        except OSError as exc:  # RingBusy (a wedged lock, bounded), or the ring unusable here
+            return MessageRejected("queue_full", f"the host's ring cannot take it: {exc}")
+        if accepted:
             self._ledger.queued += 1
         else:
             refusal = MessageRejected(
@@ -118,6 +126,8 @@ class SharedSink:
             self._next_check = now + CHECK_EVERY
             if self._ring is not None and self._pid == os.getpid():
                 self._check_uploader(self._ring)
+        except OSError as exc:  # RingBusy included: checked again in CHECK_EVERY
+            self._ledger.log.warning("check", "cdpmp: shared mode check failed: %s", exc)
         finally:
             self._checking.release()
         if self._watch_pid != self._pid and PROCESS.may_start_thread():
@@ -139,6 +149,14 @@ class SharedSink:
             lifecycle.ensure(ring, self._dir)
         except OSError as exc:
             self._ledger.log.warning("spawn", "cdpmp: cannot start the uploader: %s", exc)
+        self._notify(ring)
+
+    def _notify(self, ring: Ring) -> None:
+        """Report the batches of this source that the uploader gave up for good
+        (:mod:`.notices`): counted, logged, and given to ``on_error`` here."""
+        if notices.pending(ring, self._dir, self._source):
+            for notice in notices.claim(ring, self._dir, self._source):
+                self._ledger.lost(notice.error, list(notice.messages), "rejected", notice.events)
 
     def _carry_over(self, old: Ring) -> Ring:
         """The ring file was deleted or replaced under us: open (or create) the one now
@@ -179,6 +197,10 @@ class SharedSink:
         next_check = 0.0
         while True:
             if ring.peek()[0] >= target:
+                try:  # what was given up for good is reported before flush() returns
+                    self._notify(ring)
+                except OSError as exc:
+                    self._ledger.log.warning("check", "cdpmp: shared mode check failed: %s", exc)
                 return True
             now = time.monotonic()
             if now >= deadline:
@@ -221,7 +243,10 @@ def _watch(ref: weakref.ReferenceType[SharedSink], pid: int) -> None:
             return
         now = time.monotonic()
         try:
-            if now >= sink._next_check and sink._ring.peek()[2] > 0:
+            ring = sink._ring
+            if now >= sink._next_check and (
+                ring.peek()[2] > 0 or notices.pending(ring, sink._dir, sink._source)
+            ):
                 sink._check(now)
         except (ValueError, OSError):  # the ring was closed under us
             return

@@ -45,6 +45,7 @@ import filelock
 import psutil
 
 from .._options import host_settings
+from . import holding
 from .dispatch import POLL, Dispatch
 from .files import UPLOADER_LOCK, ensure_dir, open_private, path, runtime_dir
 from .ring import Ring
@@ -94,7 +95,7 @@ class Uploader(Dispatch):
         replaced (True: what it held was carried into the new one)."""
         self.ring = Ring(self.directory)
         self._forget(self.ring.bounds()[0])
-        self.ring.recount()
+        holding.recount(self.ring)
         me = psutil.Process()
         self.ring.set_uploader(me.pid, me.create_time())
         for sig in (signal.SIGTERM, signal.SIGINT):
