@@ -97,9 +97,17 @@ def _decimal(value: Decimal) -> Any:
     return str(value)
 
 
+# Calls of _default for values the returned message should show coerced: a change
+# during serialize() means the sent message differs from the caller's. Datetimes are
+# left out: the official client returns them as the caller's objects too (its own
+# suite asserts it), and sending them as ISO strings is the wire's business.
+_coerced = [0]
+
+
 def _default(value: Any) -> Any:
     if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
         return _iso(value)
+    _coerced[0] += 1  # racy across threads on purpose: a false "coerced" costs one loads()
     if isinstance(value, Decimal):
         return _decimal(value)
     if isinstance(value, (set, frozenset)):
@@ -134,7 +142,9 @@ class _Walk:
         self.nodes += 1
         if self.nodes > _MAX_NODES:
             raise Unencodable(f"a value with more than {_MAX_NODES} parts", reason="oversize")
-        if value is None or isinstance(value, (str, bool, float)):
+        if isinstance(value, str):
+            return _text(value)
+        if value is None or isinstance(value, (bool, float)):
             return value
         if isinstance(value, int):
             if -(2**63) <= value < 2**64:
@@ -174,7 +184,7 @@ class _Walk:
         if isinstance(value, dict):
             out: Dict[str, Any] = {}
             for key, item in value.items():
-                name = key if isinstance(key, str) else _key_str(key)
+                name = _text(key) if type(key) is str else _key_str(key)
                 if name in out:
                     raise Unencodable(f"two keys of {log_safe(path)} both become {log_safe(name, 40)!r}")
                 out[name] = self.value(item, f"{path}.{name[:40]}", depth + 1)
@@ -190,9 +200,26 @@ def _int_str(value: int) -> str:
         raise Unencodable("an int too long to write in decimal") from None
 
 
+def _text(value: str) -> str:
+    """``value`` as a plain ``str`` JSON can carry: a subclass by its string value
+    (Django's ``SafeString``); lone surrogates (left by a bad decode, which orjson and
+    UTF-8 refuse) replaced by U+FFFD, while a pair of them becomes its character."""
+    if type(value) is not str:
+        value = str.__str__(value)
+    if value.isascii():
+        return value
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def _key_str(key: object) -> str:
     if isinstance(key, enum.Enum):
-        key = key.value
+        key = key.value  # class Color(str, Enum) / StrEnum / TextChoices: by value
+    if isinstance(key, str):
+        return _text(key)
     if isinstance(key, (bytes, bytearray)):
         return bytes(key).decode("utf-8", "replace")
     if isinstance(key, int) and not isinstance(key, bool):
@@ -207,19 +234,26 @@ def _safe_str(value: object) -> str:
 
 
 _NESTED = (dict, list, tuple)
+_LEAVES = frozenset({str, int, float, bool, type(None)})
 
 
 def _fits(value: Any, budget: int, depth: int) -> int:
     """The node budget left once ``value`` is expanded, or -1: the fast path must not
     see it (a cycle, nesting past ``_MAX_DEPTH``, or more parts than a message can
     hold: a wide DAG of shared lists would make orjson write 2**depth items). Only
-    containers recurse; a cycle runs out of depth or budget within 200 levels."""
-    items = value.values() if type(value) is dict else value
+    containers recurse — subclasses too (orjson writes an OrderedDict or a list
+    subclass as it does a dict: a DAG of them once took 6-12 s and 2.7 GB); the
+    exact leaf types are tested first, by identity, for speed. A cycle runs out of
+    depth or budget within 200 levels."""
+    items = value.values() if isinstance(value, dict) else value
     budget -= len(items)
     if budget < 0 or depth > _MAX_DEPTH:
         return -1
     for item in items:
-        if type(item) in _NESTED:
+        kind = type(item)
+        if kind in _LEAVES:
+            continue
+        if kind in _NESTED or isinstance(item, _NESTED):
             budget = _fits(item, budget, depth + 1)
             if budget < 0:
                 return -1
@@ -229,15 +263,24 @@ def _fits(value: Any, budget: int, depth: int) -> int:
 def serialize(message: Dict[str, Any]) -> bytes:
     """Serialise ``message`` to compact JSON bytes. Raises :class:`Unencodable` (or
     whatever a user object's ``str()`` raises) for a message that cannot be sent."""
-    if _fits(message, _MAX_NODES, 0) < 0:
-        return orjson.dumps(_Walk().value(message, "message", 0), default=_default, option=_OPTIONS)
-    try:
-        return orjson.dumps(message, default=_default, option=_OPTIONS)
-    except (_NeedsWalk, TypeError) as exc:
-        if isinstance(exc.__cause__, Unencodable):
-            raise exc.__cause__ from None
-        # orjson wraps errors from default() in JSONEncodeError (a TypeError)
+    if _fits(message, _MAX_NODES, 0) >= 0:
+        try:
+            return orjson.dumps(message, default=_default, option=_OPTIONS)
+        except (_NeedsWalk, TypeError) as exc:
+            if isinstance(exc.__cause__, Unencodable):
+                raise exc.__cause__ from None
+            # orjson wraps errors from default() in JSONEncodeError (a TypeError)
+    _coerced[0] += 1  # the walk makes a JSON-safe copy: what is sent differs
     return orjson.dumps(_Walk().value(message, "message", 0), default=_default, option=_OPTIONS)
+
+
+def serialize_sent(message: Dict[str, Any]) -> Tuple[bytes, Dict[str, Any]]:
+    """:func:`serialize`, and the message as it will be sent: ``message`` itself when
+    every value went as given, else the coerced copy (Decimal as a number, a set as a
+    list, bytes as text...), as the official client returns its cleaned message."""
+    before = _coerced[0]
+    data = serialize(message)
+    return data, (message if _coerced[0] == before else orjson.loads(data))
 
 
 # Message ids made ahead, 64 per ``os.urandom`` call: a syscall per id cost ≈0.4 µs

@@ -49,6 +49,10 @@ from ._version import LIBRARY_NAME, __version__
 from .errors import APIError, DeliveryError, TransportError
 
 logger = logging.getLogger("cdpmp")
+# Customer.io's troubleshooting page says ``logging.getLogger('customerio')
+# .setLevel('DEBUG')``: the per-batch DEBUG line goes there too when that logger wants
+# it and ``cdpmp``'s does not (never both: one line per batch).
+official_logger = logging.getLogger("customerio")
 
 MAX_BATCH_BYTES = 500_000
 # {"batch":[...],"sentAt":"2026-01-01T00:00:00.000+00:00"} minus the messages.
@@ -183,28 +187,43 @@ class Transport:
         end = time.monotonic() + self.settings.timeout
         if deadline is not None:
             end = min(end, deadline)
-        return self._attempt(self._encode(messages), end)
+        return self._attempt(self._encode(messages), end, len(messages))
 
     def _encode(self, messages: List[bytes]) -> bytes:
         body = encode_body(messages)
         return _gzip.compress(body, compresslevel=6) if self.settings.gzip else body
 
-    def _attempt(self, body: bytes, end: float) -> Attempt:
+    def _attempt(self, body: bytes, end: float, events: int) -> Attempt:
+        """One request; with DEBUG on (``debug=True``, the ``cdpmp`` or the ``customerio``
+        logger), one line for it: events, endpoint, answer, time (no payload, no key)."""
+        started = time.monotonic()
+        attempt, status = self._answer(body, end)
+        log = logger if logger.isEnabledFor(logging.DEBUG) else official_logger
+        if log.isEnabledFor(logging.DEBUG):
+            outcome = f"{status} ok" if attempt.error is None else str(attempt.error)
+            log.debug(
+                "cdpmp: batch of %d event(s) to %s: %s in %.0f ms",
+                events, self.settings.batch_url, outcome, (time.monotonic() - started) * 1000,
+            )  # fmt: skip
+        return attempt
+
+    def _answer(self, body: bytes, end: float) -> Tuple[Attempt, int]:
+        """The attempt, and the HTTP status (0: no answer)."""
         try:
             response = self._post_once(body, end)
         except Exception as exc:  # noqa: BLE001 - classified: retried, final or internal
             verdict = classify_exception(exc)
             if verdict == "final" and not isinstance(exc, urllib3.exceptions.HTTPError):
-                return Attempt(internal_error("sending a batch", exc), 1, 0)
+                return Attempt(internal_error("sending a batch", exc), 1, 0), 0
             detail = f": {exc}" if isinstance(exc, RequestDeadline) else ""
-            return Attempt(
-                TransportError(f"{type(exc).__name__} posting batch{detail}", final=verdict == "final"), 1, 0
-            )
-        verdict = classify_status(response.status_code)
+            error = TransportError(f"{type(exc).__name__} posting batch{detail}", final=verdict == "final")
+            return Attempt(error, 1, 0), 0
+        status = response.status_code
+        verdict = classify_status(status)
         if verdict == "success":
-            return Attempt(None, 1, 0)
+            return Attempt(None, 1, 0), status
         retry_after = parse_retry_after(response.headers.get("Retry-After"))
-        return Attempt(_api_error(response, final=verdict == "final"), 1, 0, retry_after)
+        return Attempt(_api_error(response, final=verdict == "final"), 1, 0, retry_after), status
 
     def send(self, messages: List[bytes]) -> Attempt:
         """Deliver one batch with retries, inline (``sync_mode``); the result says how
@@ -224,7 +243,7 @@ class Transport:
             end = now + self.settings.timeout
             if first_failed and policy.budget is not None:
                 end = min(end, max(first_failed + policy.budget, now + 0.05))
-            attempt = self._attempt(body, end)
+            attempt = self._attempt(body, end, len(messages))
             error = attempt.error
             if error is None or error.final:
                 return Attempt(error, requests, retries, attempt.retry_after)

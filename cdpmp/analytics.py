@@ -16,7 +16,7 @@ from __future__ import annotations
 import sys
 import threading
 import types
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ._options import MODULE_SETTINGS
 from ._outcome import Stats
@@ -32,6 +32,7 @@ default_client: Optional[Client] = None
 _stale = True
 _built_from: Dict[str, Any] = {}
 _retired: List[Client] = []
+_built: List[Optional[Client]] = [None]  # the default client this module built last
 _build_lock = threading.Lock()
 
 
@@ -47,9 +48,18 @@ class _SettingsModule(types.ModuleType):
 sys.modules[__name__].__class__ = _SettingsModule
 
 
+def _foreign() -> Any:
+    """``default_client`` when someone else put it there (an app's test stubbing it,
+    ``mock.patch.object(analytics, "default_client", fake)``, or its own client):
+    every module function then goes to it as is, whatever the settings say, as
+    with the official module. None when it is ours (or unset)."""
+    client = default_client
+    return client if client is not None and client is not _built[0] else None
+
+
 def _client() -> Client:
     client = default_client
-    if client is not None and not _stale:
+    if client is not None and (not _stale or client is not _built[0]):
         return client
     return _rebuild()
 
@@ -57,7 +67,7 @@ def _client() -> Client:
 def _rebuild() -> Client:
     global default_client, _stale
     with _build_lock:
-        if default_client is not None and not _stale:
+        if default_client is not None and (not _stale or default_client is not _built[0]):
             return default_client
         values = {name: globals()[name] for name in SETTINGS}
         if default_client is not None and values == _built_from:
@@ -65,6 +75,7 @@ def _rebuild() -> Client:
             return default_client
         new = Client(**values)
         old = default_client
+        _built[0] = new
         default_client, _stale = new, False
         _built_from.clear()
         _built_from.update(values)
@@ -118,19 +129,41 @@ def _each(method: str, timeout: Optional[float]) -> bool:
     return done
 
 
-def flush(timeout: Optional[float] = None) -> bool:
-    """Send everything queued within ``timeout`` seconds; True if drained."""
-    return _each("flush", timeout)
+def _timeout(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[float]:
+    if len(args) > 1 or set(kwargs) - {"timeout"} or (args and kwargs):
+        raise TypeError("takes at most one argument: timeout (seconds)")
+    value = args[0] if args else kwargs.get("timeout")
+    return None if value is None else float(value)
 
 
-def join(timeout: Optional[float] = None) -> bool:
+def flush(*args: Any, **kwargs: Any) -> bool:
+    """Send everything queued within ``timeout`` seconds; True if drained. A stubbed
+    ``default_client`` gets ``flush`` with exactly the arguments given."""
+    foreign = _foreign()
+    if foreign is not None:
+        return bool(foreign.flush(*args, **kwargs))
+    return _each("flush", _timeout(args, kwargs))
+
+
+def join(*args: Any, **kwargs: Any) -> bool:
     """The official client's ``join``; here the same as :func:`shutdown`."""
-    return shutdown(timeout)
+    foreign = _foreign()
+    if foreign is not None:
+        return bool(foreign.join(*args, **kwargs))
+    return _each("shutdown", _timeout(args, kwargs))
 
 
-def shutdown(timeout: Optional[float] = None) -> bool:
-    """Drain and stop the consumer within ``timeout`` seconds; True if drained."""
-    return _each("shutdown", timeout)
+def shutdown(*args: Any, **kwargs: Any) -> bool:
+    """Drain and stop the consumer within ``timeout`` seconds; True if drained. A
+    stubbed ``default_client`` gets what the official module calls: ``flush()`` then
+    ``join()`` (or its ``shutdown`` with the arguments given, when there are any)."""
+    foreign = _foreign()
+    if foreign is not None:
+        if args or kwargs:
+            return bool(foreign.shutdown(*args, **kwargs))
+        foreign.flush()
+        return bool(foreign.join())
+    return _each("shutdown", _timeout(args, kwargs))
 
 
 def stats() -> Stats:

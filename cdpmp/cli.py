@@ -12,7 +12,9 @@ import decimal
 import json
 import os
 import sys
+import threading
 import time
+import urllib.parse
 import uuid
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -92,7 +94,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         ok, msg = analytics.track(user_id="master", event="Server Started")
         accepted = [msg["messageId"]] if ok else []
         oversize = analytics.track(user_id="master", event="Too Big", properties={"blob": "x" * 40000})
-        print(f"  oversize message: accepted={oversize[0]} (rejected, counted, never raised)")
+        print(
+            f"  oversize message: accepted={oversize[0]} (rejected on purpose, counted, never raised; "
+            "the cdpmp WARNING lines about 1 oversize event are about it, and expected)"
+        )
         failed = 0
         if args.workers:
             ids, failed = _fork_workers(analytics, args.workers, args.events, scratch)
@@ -198,8 +203,11 @@ def _fork_workers(analytics: Any, workers: int, events: int, scratch: str) -> Tu
 def cmd_collector(args: argparse.Namespace) -> int:
     from .testing import Collector, Conditions, Outage
 
+    printing = threading.Lock()  # the handler threads print concurrently
+
     def show(msg: Dict[str, Any]) -> None:
-        print(json.dumps(msg, sort_keys=True), flush=True)
+        with printing:  # print() writes the text and its newline apart: one whole line each
+            print(json.dumps(msg, sort_keys=True), flush=True)
 
     given = _read_key(args)
     key = given or "test-write-key"
@@ -213,7 +221,12 @@ def cmd_collector(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"cdpmp collector: {exc}", file=sys.stderr)
         return 2
-    with Collector(write_key=key, port=args.port, on_message=show, conditions=conditions) as collector:
+    try:
+        collector = Collector(write_key=key, port=args.port, on_message=show, conditions=conditions)
+    except (OSError, OverflowError) as exc:  # busy, privileged or out of range
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UserError(f"cannot listen on 127.0.0.1:{args.port}: {reason}") from None
+    with collector:
         print(f"collector listening on {collector.url} (POST /v1/batch); Ctrl-C stops", flush=True)
         if given:  # never print a real key: its last characters identify it
             source = (
@@ -234,7 +247,7 @@ def cmd_collector(args: argparse.Namespace) -> int:
             while True:
                 time.sleep(1)
         except KeyboardInterrupt:
-            print(json.dumps(collector.summary()), flush=True)
+            show(collector.summary())
     return 0
 
 
@@ -257,6 +270,11 @@ def cmd_track(args: argparse.Namespace) -> int:
             raise UserError(f"--properties must be a JSON object, got {type(properties).__name__}")
     if not args.timeout > 0:
         raise UserError("--timeout must be more than 0")
+    if args.endpoint is not None:
+        given = args.endpoint.strip()
+        parsed = urllib.parse.urlsplit(given if "://" in given else f"https://{given}")
+        if not given or not parsed.hostname:  # "" once meant the production endpoint
+            raise UserError(f"--endpoint {args.endpoint!r} names no host (e.g. https://cdp.customer.io)")
     errors: List[str] = []
     try:
         client = Client(

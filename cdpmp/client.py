@@ -23,7 +23,7 @@ from ._message import (
     mapping,
     new_message_id,
     now_iso,
-    serialize,
+    serialize_sent,
     text,
 )
 from ._options import (
@@ -305,7 +305,7 @@ class Client:
 
     def _enqueue(self, msg: Dict[str, Any]) -> Result:
         try:
-            data = serialize(msg)
+            data, msg = serialize_sent(msg)  # returned as sent, as the official client does
         except Unencodable as exc:
             return self._reject(msg, "oversize" if exc.reason == "oversize" else "unserializable", str(exc))
         except Exception as exc:  # noqa: BLE001 - str() of a user object may raise anything

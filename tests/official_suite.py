@@ -69,6 +69,20 @@ import json, sys, unittest
 def _why(err):
     return f"{err[0].__name__}: {err[1]}"[:300]
 suite = unittest.defaultTestLoader.loadTestsFromNames(sys.argv[2:])
+# Segment's TestClient defines ``fail(self, e, batch)`` as its on_error callback, which
+# shadows unittest's ``fail``: every failed assertion there was swallowed (its own
+# client "passed" them too). Route a one-argument call back to unittest's.
+def _tests(s):
+    for t in s:
+        yield from (_tests(t) if isinstance(t, unittest.TestSuite) else [t])
+for cls in {type(t) for t in _tests(suite)}:
+    own = cls.__dict__.get("fail")
+    if own is not None and own is not unittest.TestCase.fail:
+        def fail(self, *args, _own=own, **kw):
+            if len(args) + len(kw) >= 2:
+                return _own(self, *args, **kw)
+            return unittest.TestCase.fail(self, *args, **kw)
+        cls.fail = fail
 outcomes = {}
 class Result(unittest.TextTestResult):
     def addSuccess(self, test):
@@ -121,6 +135,10 @@ INTERNAL = {
 }
 
 _LIBRARY = "`context.library` is `{name: cdpmp, version}`, not `analytics-python`"
+_SEGMENT_ADVANCED = (
+    "timestamps always carry milliseconds (`…T00:00:00.000+00:00`); `context.library` is cdpmp's"
+    " (these assertions ran only once Segment's `fail` callback no longer shadowed unittest's)"
+)
 _BAD_KEY = "the local collector answers 401 to a key it does not know; cdpmp reports it to `on_error`"
 
 # Public-API tests that fail, each for a documented difference (README, "Differences").
@@ -132,6 +150,10 @@ DIFFERENCES = {
     "customerio.analytics.test.client.TestClient.test_advanced_track": _LIBRARY,
     "customerio.analytics.test.client.TestClient.test_success_on_invalid_write_key": _BAD_KEY,
     "segment.analytics.test.test_client.TestClient.test_success_on_invalid_write_key": _BAD_KEY,
+    **{
+        f"segment.analytics.test.test_client.TestClient.test_advanced_{kind}": _SEGMENT_ADVANCED
+        for kind in ("group", "identify", "page", "screen", "track")
+    },
 }
 
 SUITES = {

@@ -81,13 +81,24 @@ def test_demo_reports_every_event_arriving_exactly_once(workers: str) -> None:
             ["--event", "E", "--user-id", "u", "--endpoint", "ftp://x"],
             "endpoint: must start with http:// or https://",
         ),
+        (["--event", "E", "--user-id", "u", "--endpoint", ""], "cdpmp track: --endpoint '' names no host"),
+        (["--event", "E", "--user-id", "u", "--endpoint", "http://"], "--endpoint 'http://' names no host"),
         (["--event", "E", "--user-id", "u", "--timeout", "0"], "cdpmp track: --timeout must be more than 0"),
         (
             ["--event", "E", "--user-id", "u", "--write-key-file", "/nonexistent/key"],
             "cannot read --write-key-file /nonexistent/key: No such file or directory",
         ),
     ],
-    ids=["no-user-id", "bad-json", "not-an-object", "bad-endpoint", "bad-timeout", "missing-key-file"],
+    ids=[
+        "no-user-id",
+        "bad-json",
+        "not-an-object",
+        "bad-endpoint",
+        "empty-endpoint",
+        "no-host",
+        "bad-timeout",
+        "missing-key-file",
+    ],
 )
 def test_track_answers_each_mistake_with_one_line_and_status_2(args: list[str], message: str) -> None:
     out = _cdpmp("track", *args, env={"CDP_WRITE_KEY": "k"})
@@ -168,4 +179,61 @@ def test_demo_refuses_negative_counts() -> None:
     out = _cdpmp("demo", "--events", "-1")
     assert (
         out.returncode == 2 and out.stderr.strip() == "cdpmp demo: --workers and --events must be 0 or more"
+    )
+
+
+@pytest.mark.parametrize("port", ["busy", "70000"])
+def test_collector_on_a_port_it_cannot_use_says_so_in_one_line(port: str) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        number = str(taken.getsockname()[1]) if port == "busy" else port
+        out = _cdpmp("collector", "--port", number)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        next(line for line in out.stderr.splitlines() if f"cannot listen on 127.0.0.1:{number}" in line)
+    ]
+
+
+def test_collector_prints_one_whole_line_per_message_under_concurrent_requests() -> None:
+    import signal
+    import threading
+
+    import cdpmp
+
+    proc = subprocess.Popen([sys.executable, "-m", "cdpmp", "collector"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().split()[3]
+        proc.stdout.readline()
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()))  # never a full pipe
+        reader.start()
+        clients = [cdpmp.Client("test-write-key", endpoint=url, upload_size=5) for _ in range(12)]
+
+        def send(n: int) -> None:
+            for i in range(150):
+                clients[n].track("u", "E", {"pad": "x" * 200}, message_id=f"c{n}-{i}")
+            clients[n].flush(timeout=30)
+
+        threads = [threading.Thread(target=send, args=(n,)) for n in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=20)
+        reader.join(timeout=20)
+        proc.stdout.close()
+        for client in clients:
+            client.shutdown(timeout=1)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    messages = [json.loads(line) for line in lines[:-1]]  # each line ONE object; the last: the summary
+    assert sorted(m["messageId"] for m in messages) == sorted(
+        f"c{n}-{i}" for n in range(12) for i in range(150)
     )

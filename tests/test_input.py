@@ -281,3 +281,75 @@ def test_arbitrary_values_never_crash_and_arrive_as_valid_json(
     else:
         dropped = client.stats()["dropped"]
         assert dropped["oversize"] + dropped["unserializable"] == 1
+
+
+# -- code people really write ----------------------------------------------------------------
+
+
+class Shade(str, enum.Enum):
+    RED = "red"
+
+
+class SafeText(str):  # as Django's SafeString
+    pass
+
+
+def _str_keys() -> List[Any]:
+    keys: List[Any] = [Shade.RED, SafeText("red")]
+    if hasattr(enum, "StrEnum"):  # 3.11+
+        keys.append(enum.StrEnum("Tone", {"RED": "red"}).RED)  # type: ignore[attr-defined]
+    return keys
+
+
+@pytest.mark.parametrize("key", _str_keys(), ids=lambda k: type(k).__name__)
+def test_str_subclass_keys_and_values_are_sent_by_their_string_value(
+    key: Any, collector: Collector, make_client: Callable[..., cdpmp.Client]
+) -> None:
+    client = make_client()
+    ok, msg = client.track("u", "E", {key: 1, "nested": {key: [key]}}, message_id="k")
+    assert ok and msg["properties"] == {"red": 1, "nested": {"red": ["red"]}}
+    assert client.flush(timeout=5) and collector.wait_for(1)
+    assert collector.messages[0]["properties"] == {"red": 1, "nested": {"red": ["red"]}}
+
+
+def test_lone_surrogates_are_replaced_and_the_event_is_sent(
+    collector: Collector, make_client: Callable[..., cdpmp.Client]
+) -> None:
+    client = make_client()
+    # "caf\udce9": what b"caf\xe9".decode("utf-8", "surrogateescape") leaves; a pair
+    # of surrogates is the character it encodes.
+    ok, msg = client.track("u", "E", {"v": "caf\udce9", "k\udc80": 1, "pair": "\ud83d\ude00"})
+    assert ok
+    expected = {"v": "caf\ufffd", "k\ufffd": 1, "pair": "\U0001f600"}
+    assert msg["properties"] == expected
+    assert client.flush(timeout=5) and collector.wait_for(1)
+    assert collector.messages[0]["properties"] == expected
+
+
+def test_the_returned_message_is_what_was_sent(offline: cdpmp.Client) -> None:
+    ok, msg = offline.track("u", "E", {"x": decimal.Decimal("0.1"), "s": {4}, "b": b"caf\xc3\xa9", "n": 1})
+    assert ok and msg["properties"] == {"x": 0.1, "s": [4], "b": "café", "n": 1}
+    props = {"plain": 1}
+    ok, msg = offline.track("u", "E", props)
+    assert msg["properties"] is props  # nothing coerced: no copy made
+
+
+DAG = """
+import collections, resource, sys, cdpmp
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+node = collections.OrderedDict(leaf=1)
+for depth in range(40):  # 2**40 leaves once expanded; every level shared twice
+    node = collections.OrderedDict(a=node, b=[node, node]) if depth % 2 else type("L", (list,), {})([node, node])
+client = cdpmp.Client("k", send=False)
+ok, _ = client.track("u", "E", {"dag": node})
+print(ok, client.stats()["dropped"]["oversize"])
+"""
+
+
+def test_a_dag_of_dict_and_list_subclasses_is_refused_not_expanded() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", DAG], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "1"]
