@@ -129,6 +129,16 @@ def _wedge(kind: str, collector: Collector) -> int:
     return child
 
 
+def _producer(collector: Collector, stderr: Any = None) -> subprocess.Popen[str]:
+    """A running shared-mode producer (PRODUCER), once it has said it is ready."""
+    producer = subprocess.Popen(
+        [sys.executable, "-c", PRODUCER, collector.write_key, collector.url],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
+    )  # fmt: skip
+    assert producer.stdout is not None and producer.stdout.readline().strip() == "ready"
+    return producer
+
+
 def _ask(producer: subprocess.Popen[str], tag: str) -> Dict[str, Any]:
     assert producer.stdin is not None and producer.stdout is not None
     producer.stdin.write(tag + "\n")
@@ -143,13 +153,9 @@ def test_a_producer_killed_holding_the_lock_with_a_forked_child_does_not_wedge_t
 ) -> None:
     # The child closes its inherited lock descriptor in the after-fork hook itself, not
     # at its next cdpmp call (it never makes one): the lock dies with its holder.
-    producer = subprocess.Popen(
-        [sys.executable, "-c", PRODUCER, collector.write_key, collector.url],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    producer = _producer(collector)
     child = 0
     try:
-        assert producer.stdout is not None and producer.stdout.readline().strip() == "ready"
         child = _wedge("python", collector)
         seen = _ask(producer, "after")
         assert seen == {"ok": [True] * 20, "flushed": True, "queue_full": 0}
@@ -170,13 +176,9 @@ def test_a_lock_wedged_by_a_hookless_child_refuses_calls_in_bounded_time_then_re
     # A C fork() runs no Python hook: the child keeps the dead holder's lock. Every
     # call then answers (False, msg) after a bounded wait, counted and logged (not a
     # producer blocked in flock for ever); once that child is gone, calls succeed.
-    producer = subprocess.Popen(
-        [sys.executable, "-c", PRODUCER, collector.write_key, collector.url],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    producer = _producer(collector, stderr=subprocess.PIPE)
     child = 0
     try:
-        assert producer.stdout is not None and producer.stdout.readline().strip() == "ready"
         child = _wedge("c", collector)
         assert _ask(producer, "wedged") == {"ok": [False] * 20, "flushed": None, "queue_full": 20}
         os.kill(child, signal.SIGKILL)
