@@ -56,6 +56,8 @@ class ProcessState:
         self._live: weakref.WeakSet[Member] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._exit_hook = False
+        self._origin_pid = os.getpid()  # the process that imported cdpmp
+        self._hooked_pid = -1  # the last child in which the at-fork hook ran
         self.draining_all = False  # drain_all() is shutting every client down
         # False when the host runs no background threads (uWSGI without
         # enable-threads): sinks then send due batches on the calling thread.
@@ -83,6 +85,7 @@ class ProcessState:
 
     def after_fork_in_child(self) -> None:
         self._lock = threading.Lock()  # never acquire a lock inherited mid-acquire
+        self._hooked_pid = os.getpid()
         self.reset_in_child()
 
     def reset_in_child(self) -> None:
@@ -133,7 +136,17 @@ class ProcessState:
         return time.monotonic() + timeout
 
     def may_start_thread(self) -> bool:
-        return self.threads_available and self._threadless_pid != os.getpid()
+        """False where no thread may start: threads disabled, a threadless master, or
+        a child of a C ``fork()`` that ran no at-fork hook (uWSGI runs them; a bare
+        ``fork()`` from C does not): there ``threading``'s own state was never
+        repaired, and a child that started a sender thread hung (found after a test
+        that left a sender thread alive at the fork). Such a child sends inline."""
+        pid = os.getpid()
+        return (
+            self.threads_available
+            and self._threadless_pid != pid
+            and pid in (self._origin_pid, self._hooked_pid)
+        )
 
     def ensure_exit_hook(self) -> None:
         if not self._exit_hook:
