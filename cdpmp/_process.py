@@ -58,6 +58,7 @@ class ProcessState:
         self._exit_hook = False
         self._origin_pid = os.getpid()  # the process that imported cdpmp
         self._hooked_pid = -1  # the last child in which the at-fork hook ran
+        self._hookless: Dict[int, bool] = {}  # pid -> threads may start (see may_start_thread)
         self.draining_all = False  # drain_all() is shutting every client down
         # False when the host runs no background threads (uWSGI without
         # enable-threads): sinks then send due batches on the calling thread.
@@ -137,16 +138,21 @@ class ProcessState:
 
     def may_start_thread(self) -> bool:
         """False where no thread may start: threads disabled, a threadless master, or
-        a child of a C ``fork()`` that ran no at-fork hook (uWSGI runs them; a bare
-        ``fork()`` from C does not): there ``threading``'s own state was never
-        repaired, and a child that started a sender thread hung (found after a test
-        that left a sender thread alive at the fork). Such a child sends inline."""
+        a child of a C ``fork()`` that ran no at-fork hook while its parent had other
+        threads alive: ``threading``'s state (the parent's threads, its locks) was
+        never repaired there, and a child that started a sender thread hung (found
+        after a test that left a sender thread alive at the fork). Such a child sends
+        inline. A uWSGI worker is forked, hook-less, from a master with no thread
+        alive: it keeps its threads."""
         pid = os.getpid()
-        return (
-            self.threads_available
-            and self._threadless_pid != pid
-            and pid in (self._origin_pid, self._hooked_pid)
-        )
+        if not self.threads_available or self._threadless_pid == pid:
+            return False
+        if pid in (self._origin_pid, self._hooked_pid):
+            return True
+        clean = self._hookless.get(pid)
+        if clean is None:  # first asked in this child, before it started any thread
+            clean = self._hookless.setdefault(pid, threading.active_count() == 1)
+        return clean
 
     def ensure_exit_hook(self) -> None:
         if not self._exit_hook:
