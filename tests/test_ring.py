@@ -44,7 +44,8 @@ def _drain(ring: Ring) -> List[bytes]:
     for r in records:
         by_source[r.source] = by_source.get(r.source, 0) + 1
     if records:
-        ring.release(records[-1].end, len(records), by_source)
+        ring.release(records[-1].end, len(records))
+        holding.settle_counts(ring, by_source)
     return [r.payload for r in records if r.payload]
 
 
@@ -229,7 +230,8 @@ def test_each_source_is_held_to_its_own_limit(directory: str) -> None:
     assert sorted(ring.sources()) == [(1, 5, 5), (2, 20, 20)]
     head, _, _ = ring.bounds()
     records = ring.read(head, 3, 1 << 20)  # the uploader frees three of source 1's
-    ring.release(records[-1].end, 3, {1: 3})
+    ring.release(records[-1].end, 3)
+    holding.settle_counts(ring, {1: 3})
     assert sorted(ring.sources()) == [(1, 2, 5), (2, 20, 20)]
     assert sum(ring.put(1, b"a", limit=5) for _ in range(8)) == 3
     struct.pack_into("<Q", ring.mm, 1536 + 8, 99)  # drift left by a crash mid-put

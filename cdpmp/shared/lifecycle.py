@@ -153,7 +153,7 @@ def preflight(directory: str) -> None:
             )
 
 
-def _gone_since_spawn(ring: Ring, directory: str) -> None:
+def _gone_since_spawn(directory: str) -> None:
     """Raise when an uploader this process started did not come up: the reason is the
     last line of ``uploader.log`` (what the uploader said before it exited)."""
     if not _spawned or time.monotonic() - _spawned[-1] < 2 * STALE_AFTER:
@@ -178,7 +178,7 @@ def ensure(ring: Ring, directory: str, wait: float = 0.0) -> bool:
         return True
     try:
         preflight(directory)
-        _gone_since_spawn(ring, directory)
+        _gone_since_spawn(directory)
     except OSError as exc:
         ring.set_error(f"no uploader: {exc}", timeout=0.5)
         raise

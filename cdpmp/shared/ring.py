@@ -354,19 +354,14 @@ class Ring(RingHeader):
             offset += 8
         return tail
 
-    def release(self, new_head: int, records: int, by_source: Optional[Dict[int, int]] = None) -> None:
-        """Free everything before ``new_head`` (``records`` records; ``by_source``:
-        how many of them each source had)."""
+    def release(self, new_head: int, records: int) -> None:
+        """Free everything before ``new_head`` (``records`` records). What each source
+        holds is settled at delivery instead (:func:`.holding.settle_counts`)."""
         with self._locked():
             head, tail, count = HEAD_TAIL_COUNT.unpack_from(self.mm, 32)
             new_head = min(max(new_head, head), tail)
             store(self.mm, 48, U64, max(0, count - records))  # count first: whoever sees
             store(self.mm, 32, U64, new_head)  # the new head (flush()) sees its count
-            for source, n in (by_source or {}).items():
-                at = self._source_slot(source)
-                if at:
-                    held = U64.unpack_from(self.mm, at + 8)[0]
-                    store(self.mm, at + 8, U64, max(0, held - n))
 
 
 def _disown_inherited() -> None:
