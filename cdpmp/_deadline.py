@@ -13,6 +13,13 @@ Why a wrapper and not a watchdog thread: it costs no thread, so it also holds wh
 no thread may run (a uWSGI master, workers without ``enable-threads``) and before
 gevent or eventlet patch the process; and it costs ~0.3 µs per socket call.
 
+Setting a connection up is bounded too. The TCP connect is one call (urllib3's connect
+timeout is what is left of the request). Through an HTTP proxy, the CONNECT answer is
+read line by line by ``http.client``: the tunnel is read through the same wrapper (a
+proxy that trickles its answer measured a ``sync_mode`` ``track()`` still running after
+30 s with ``timeout=3``). The TLS handshake that follows is bounded as a whole by
+CPython, by the socket's timeout when it starts: that timeout is set to what is left.
+
 The current request is a thread-local set by :func:`request_deadline`, so a pooled
 connection serves whichever thread uses it. ``cancel(owner)`` ends an owner's requests
 at their next socket call (shutdown and drain deadlines).
@@ -66,6 +73,17 @@ def _remaining(request: Any) -> Optional[float]:
     return left
 
 
+def _bound(sock: Any) -> None:
+    """Set ``sock``'s timeout to what is left of this thread's request (if any)."""
+    request = getattr(_LOCAL, "request", None)
+    if request is None:
+        return
+    left = _remaining(request)
+    if left is None:
+        raise TimeoutError("request deadline passed")
+    sock.settimeout(left)
+
+
 class _DeadlineSocket:
     """A socket (plain or TLS) whose every call is bounded by the request's deadline;
     everything else is passed through to the wrapped socket."""
@@ -77,13 +95,7 @@ class _DeadlineSocket:
         return getattr(self._sock, name)
 
     def _budget(self) -> None:
-        request = getattr(_LOCAL, "request", None)
-        if request is None:
-            return
-        left = _remaining(request)
-        if left is None:
-            raise TimeoutError("request deadline passed")
-        self._sock.settimeout(left)
+        _bound(self._sock)
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
         self._budget()
@@ -125,6 +137,18 @@ class _DeadlineHTTPSConnection(urllib3.connection.HTTPSConnection):
     def connect(self) -> None:
         super().connect()
         self.sock = _DeadlineSocket(self.sock)
+
+    def _tunnel(self) -> None:
+        """The proxy's CONNECT, read through the wrapper; then the socket's timeout is
+        what is left, which bounds the whole TLS handshake that follows."""
+        raw = self.sock
+        self.sock = _DeadlineSocket(raw)
+        try:
+            super()._tunnel()
+        finally:
+            if self.sock is not None:  # None: http.client closed it (a refused CONNECT)
+                self.sock = raw
+        _bound(raw)
 
 
 class _DeadlinePool(urllib3.HTTPConnectionPool):

@@ -331,6 +331,10 @@ class DirectSink:
         elif PROCESS.may_start_thread():
             engine().activate(self)
 
+    def stop_threads(self, deadline: float) -> bool:
+        """The sender threads are the process's engine's, shared by every client."""
+        return engine().retire(deadline)
+
     def retired(self) -> bool:  # a retired sink that holds nothing
         if self._retiring and self._empty_locked():
             self.transport.close()

@@ -213,6 +213,8 @@ class Engine:
         self.threads = 0
         self._waiting = 0
         self.peak_threads = 0
+        self._retiring = 0  # retire() calls in progress: threads leave instead of waiting
+        self._started: List[threading.Thread] = []  # joined by retire()
 
     def activate(self, feeder: Feeder) -> bool:
         """``feeder`` has work: make sure a thread will ask it. False if no thread can
@@ -256,6 +258,8 @@ class Engine:
     def _start(self, thread: threading.Thread) -> bool:
         try:
             thread.start()
+            with self._cond:
+                self._started = [t for t in self._started if t.is_alive()] + [thread]
             return True
         except RuntimeError:  # interpreter shutting down: the callers send inline
             with self._cond:
@@ -298,6 +302,9 @@ class Engine:
         """A sender thread's loop; called and returning with the lock held."""
         idle_since = time.monotonic()
         while True:
+            if self._retiring:
+                self._leave_locked()
+                return
             now = time.monotonic()
             job, wait, holding = self._next_locked(now)
             if job is not None:
@@ -317,14 +324,18 @@ class Engine:
             # The last thread stays while work is held: it times the next batch.
             last = self.threads == 1
             if idle >= IDLE_EXIT and not (holding and last):
-                self.threads -= 1
-                if self.threads == 0:
-                    self._rest_locked()
+                self._leave_locked()
                 return
             timeout = min(wait, IDLE_EXIT) if holding and last else min(wait, IDLE_EXIT - idle)
             self._waiting += 1
             self._cond.wait(max(0.0, timeout))
             self._waiting -= 1
+
+    def _leave_locked(self) -> None:
+        self.threads -= 1
+        if self.threads == 0:
+            self._rest_locked()
+            self._cond.notify_all()  # retire() waits for this
 
     def _rest_locked(self) -> None:
         served, self._served = self._served, list(self._feeders)
@@ -334,6 +345,25 @@ class Engine:
                     feeder.rest()
                 except Exception as exc:  # noqa: BLE001 - closing sockets must not kill the exit
                     internal_error("closing idle connections", exc)
+
+    def retire(self, deadline: float) -> bool:
+        """End every sender thread once its job in hand is done, by ``deadline``
+        (monotonic); work still held stays with its feeder, and the next ``activate``
+        starts a thread again. True when no thread is left (joined: gone, not exiting)."""
+        with self._cond:
+            self._retiring += 1
+            try:
+                self._cond.notify_all()
+                while self.threads > 0 and self._cond.wait(max(0.0, deadline - time.monotonic())):
+                    pass
+            finally:
+                self._retiring -= 1
+            threads = list(self._started)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._cond:
+            self._started = [t for t in threads if t.is_alive()]
+            return self.threads == 0 and not self._started
 
     def forget(self, feeder: Feeder) -> None:
         """Drop ``feeder`` (stopped): no thread asks it again."""

@@ -51,23 +51,18 @@ def option(
     source: bool = False,
     alias: Optional[str] = None,
     shown: str = "",
+    scope: str = "",
     repr: bool = True,  # noqa: A002 - dataclasses.field's own name for it
 ) -> Any:
     """Declare one option (a dataclass field carrying its metadata).
 
     ``positional``: index in the official ``Client`` signature; ``source``: travels
     to the shared-mode uploader; ``alias``: a second accepted name; ``shown``: the
-    default as the README states it, when the value itself says too little.
+    default as the README states it, when the value itself says too little; ``scope``:
+    where a host-level option applies (the README's table says).
     """
-    meta = {
-        "env": env,
-        "doc": doc,
-        "minimum": minimum,
-        "positional": positional,
-        "source": source,
-        "alias": alias,
-        "shown": shown,
-    }
+    meta = {"env": env, "doc": doc, "minimum": minimum, "positional": positional, "source": source,
+            "alias": alias, "shown": shown, "scope": scope}  # fmt: skip
     return dataclasses.field(default=default, repr=repr, metadata=meta)
 
 
@@ -172,8 +167,12 @@ class Settings:
 
 @dataclasses.dataclass(frozen=True)
 class HostSettings:
-    """Options of a host's shared mode; from the environment only."""
+    """Options of a host's shared mode, and of a whole process; from the environment only."""
 
+    sigterm_drain: bool = option(
+        True, env="CDP_SIGTERM_DRAIN", scope="process-wide", doc="drain every client at a SIGTERM that "
+        "would otherwise kill the process untouched, then die of it as before (`0`: leave SIGTERM alone)",
+    )  # fmt: skip
     runtime_dir: str = option(
         "",
         env="CDP_RUNTIME_DIR",
@@ -386,7 +385,7 @@ def markdown_table() -> str:
         name = f"`{f.name}`" + (f" (alias `{f.metadata['alias']}`)" if f.metadata["alias"] else "")
         rows.append(_row(name, f))
     for f in HOST_FIELDS:
-        rows.append(_row("host-wide, shared mode", f))
+        rows.append(_row(f.metadata["scope"] or "host-wide, shared mode", f))
     return "\n".join(rows)
 
 

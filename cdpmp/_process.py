@@ -19,18 +19,25 @@ reference for the same reason).
 
 The exit hook is registered once, the first time any consumer starts. ``atexit``
 registrations are inherited by children, so draining is pid-aware: each sink only
-drains what its own process queued. Durations are seconds.
+drains what its own process queued. Where ``atexit`` never runs, :meth:`ProcessState.arm`
+covers the rest, per pid: a SIGTERM that would kill the process untouched drains first
+(:mod:`cdpmp._exits`), and a Celery pool child (it ends with ``os._exit``) drains at
+its ``worker_process_shutdown`` even when the app never imported the integration.
+Before a server forks, :meth:`ProcessState.quiesce` ends this process's threads.
+Durations are seconds.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import sys
 import threading
 import time
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Protocol, TypeVar
 
+from . import _exits
 from ._options import Settings
 from ._outcome import Ledger, report_losses
 
@@ -48,6 +55,10 @@ class Member(Protocol):
 
     def shutdown(self, timeout: Optional[float] = None) -> bool: ...
 
+    def flush(self, timeout: Optional[float] = None) -> bool: ...
+
+    def _stop_threads(self, deadline: float) -> bool: ...
+
 
 class ProcessState:
     """The one holder of process-wide state (see the module docstring)."""
@@ -56,6 +67,8 @@ class ProcessState:
         self._live: weakref.WeakSet[Member] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._exit_hook = False
+        self._armed_pid = -1  # the pid whose SIGTERM drain and Celery hooks are in place
+        self._celery_pid = -1
         self._origin_pid = os.getpid()  # the process that imported cdpmp
         self._hooked_pid = -1  # the last child in which the at-fork hook ran
         self._hookless: Dict[int, bool] = {}  # pid -> threads may start (see may_start_thread)
@@ -74,6 +87,7 @@ class ProcessState:
     def register(self, member: Member) -> None:
         with self._lock:
             self._live.add(member)
+        self.arm()
 
     def unregister(self, member: Member) -> None:
         with self._lock:
@@ -158,6 +172,39 @@ class ProcessState:
         if not self._exit_hook:
             self._exit_hook = True
             atexit.register(self.drain_all)
+        if self._armed_pid != os.getpid():
+            self.arm()
+
+    def arm(self, cap: Optional[float] = None) -> None:
+        """The exits ``atexit`` misses, for this pid (see the module docstring). Cheap
+        and idempotent; tried again at the next call until the SIGTERM handler is in
+        (only the main thread may install it)."""
+        pid = os.getpid()
+        if self._celery_pid != pid and "celery" in sys.modules:
+            self._celery_pid = pid
+            from .integrations import celery  # connects its signals; celery is loaded already
+
+            celery.connect()
+        if _exits.arm(self.drain_all, self.exit_budget, cap):
+            self._armed_pid = pid
+
+    def exit_budget(self) -> float:
+        """Seconds the exit drain may take: the longest ``exit_timeout`` of a member."""
+        return max((m.settings.exit_timeout for m in self.members()), default=0.0)
+
+    def quiesce(self, timeout: float) -> bool:
+        """End every thread cdpmp runs in this process, after sending what is queued,
+        all within ``timeout`` (before a server forks: Python 3.12+ warns at a fork
+        beside live threads, and a child inherits any lock a thread held). Threads start
+        again on demand. True when none is left; what could not be sent stays queued."""
+        deadline = time.monotonic() + timeout
+        members = self.members()
+        for member in members:
+            member.flush(max(0.0, deadline - time.monotonic()))
+        stopped = True
+        for member in members:
+            stopped = member._stop_threads(deadline) and stopped
+        return stopped
 
     def drain_all(self, timeout: Optional[float] = None) -> bool:
         """Shut down every live member of this process, sharing one deadline.
@@ -189,3 +236,4 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+PROCESS.arm()  # at import: a script whose first call runs on another thread is covered

@@ -39,6 +39,10 @@ class Sink(Protocol):
     def retired(self) -> bool:
         """True once a retired sink holds nothing and runs nothing."""
 
+    def stop_threads(self, deadline: float) -> bool:
+        """End the threads this mode runs in this process by ``deadline`` (monotonic),
+        keeping what is queued; they start again on demand. True when none is left."""
+
     def depth(self) -> int:
         """Messages accepted but not yet delivered or failed."""
 
@@ -78,6 +82,9 @@ class SyncSink:
 
     def retired(self) -> bool:
         return True
+
+    def stop_threads(self, deadline: float) -> bool:
+        return True  # sends on the caller's thread
 
     def depth(self) -> int:
         return 0

@@ -354,6 +354,9 @@ class Client:
     def _reset_after_fork(self) -> None:
         self._sink.reset_after_fork()
 
+    def _stop_threads(self, deadline: float) -> bool:
+        return self._sink.stop_threads(deadline)
+
     def _retire(self) -> None:
         """Replaced (new module settings): send what is held, release threads and
         sockets, without waiting."""

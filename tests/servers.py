@@ -53,11 +53,12 @@ def gunicorn_command(
     graceful: int = 20,
     conf: bool = True,
     python_flags: Sequence[str] = (),
+    python: str = sys.executable,
 ) -> List[str]:
     """gunicorn, 4 workers on 127.0.0.1:``port``, with the README's ``gunicorn.conf.py``
     line unless ``conf`` is False (the official client has no hooks)."""
     config = ["-c", "tests/apps/gunicorn_conf.py"] if conf else []
-    return [sys.executable, *python_flags, "-m", "gunicorn", *config, "--bind", f"127.0.0.1:{port}",
+    return [python, *python_flags, "-m", "gunicorn", *config, "--bind", f"127.0.0.1:{port}",
             "--workers", "4", "--graceful-timeout", str(graceful), *args, app]  # fmt: skip
 
 

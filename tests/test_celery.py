@@ -20,12 +20,25 @@ from tests.servers import ROOT, Server, server_env
 pytestmark = [pytest.mark.servers, pytest.mark.timeout(180)]
 
 
-@pytest.mark.parametrize("mode", ["direct", "shared"])
+@pytest.mark.parametrize(
+    ("mode", "line", "per_child"),
+    [("direct", True, 1), ("shared", True, 1), ("direct", False, 1), ("direct", False, 10)],
+    ids=["direct", "shared", "direct-line-forgotten", "direct-line-forgotten-10-per-child"],
+)
 def test_prefork_children_deliver_everything(
-    mode: str, tmp_path: Path, collector: Collector, request: pytest.FixtureRequest
+    mode: str,
+    line: bool,
+    per_child: int,
+    tmp_path: Path,
+    collector: Collector,
+    request: pytest.FixtureRequest,
 ) -> None:
+    # Without the integration's import, cdpmp finds the worker by itself (Celery is
+    # loaded when a child first queues) and drains each child at its os._exit.
     folder = tmp_path / "broker"
     env = server_env(collector.url, collector.write_key, CELERY_FS_DIR=str(folder), CDP_MODE=mode)
+    if not line:
+        env["APP_NO_INTEGRATION"] = "1"
     if mode == "shared":
         env["CDP_RUNTIME_DIR"] = request.getfixturevalue("runtime_dir")
     cmd = [
@@ -40,7 +53,7 @@ def test_prefork_children_deliver_everything(
         "--concurrency",
         "2",
         "--max-tasks-per-child",
-        "1",
+        str(per_child),
         "--loglevel",
         "INFO",
         "--without-heartbeat",

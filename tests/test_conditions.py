@@ -207,12 +207,18 @@ def test_a_failing_source_does_not_delay_another(runtime_dir: str, monkeypatch: 
 # -- deadlines are total, bodies are bounded ------------------------------------------------
 
 
-class _Trickler:
-    """A raw TCP endpoint on 127.0.0.1: reads a request, then either answers one byte
-    every ``interval`` seconds, or a 503 with a ``body_bytes``-long body."""
+_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
 
-    def __init__(self, interval: float = 0.0, body_bytes: int = 0) -> None:
-        self.interval, self.body_bytes = interval, body_bytes
+
+class _Trickler:
+    """A raw TCP endpoint (or proxy) on 127.0.0.1: reads a request, then either sends
+    ``prefix`` at once and ``answer`` one byte every ``interval`` seconds, or a 503 with
+    a ``body_bytes``-long body."""
+
+    def __init__(
+        self, interval: float = 0.0, body_bytes: int = 0, answer: bytes = _ANSWER, prefix: bytes = b""
+    ) -> None:
+        self.interval, self.body_bytes, self.answer, self.prefix = interval, body_bytes, answer, prefix
         self.sent = 0
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
@@ -233,7 +239,8 @@ class _Trickler:
             try:
                 conn.recv(1 << 20)
                 if self.interval:
-                    for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}":
+                    conn.sendall(self.prefix)
+                    for byte in self.answer:
                         conn.sendall(bytes([byte]))
                         self.sent += 1
                         time.sleep(self.interval)
@@ -271,6 +278,39 @@ def test_an_endpoint_trickling_its_answer_cannot_outlast_the_deadline(path: str)
     finally:
         client.shutdown(timeout=2)
         trickler.close()
+
+
+_TUNNEL_OK = b"HTTP/1.1 200 Connection established\r\n"
+
+
+@pytest.mark.parametrize(
+    ("prefix", "answer"),
+    [
+        (b"", _TUNNEL_OK + b"X-Pad: " + b"a" * 2000),
+        (_TUNNEL_OK + b"\r\n", b"\x16\x03\x03\x40\x00" + b"\x02" * 2000),
+    ],
+    ids=["connect-answer", "tls-handshake"],
+)
+def test_a_proxy_trickling_the_tunnel_cannot_outlast_the_deadline(prefix: bytes, answer: bytes) -> None:
+    # HTTPS through an HTTP proxy that answers CONNECT one byte at a time (or answers
+    # it, then trickles the TLS handshake): the request still ends by its deadline.
+    proxy = _Trickler(interval=0.2, prefix=prefix, answer=answer)
+    errors: List[Tuple[Exception, Any]] = []
+    client = cdpmp.Client(
+        "k", endpoint="https://127.0.0.1:9", proxies={"https": proxy.url}, sync_mode=True, timeout=1.0,
+        max_retries=0, on_error=lambda e, b: errors.append((e, b)),
+    )  # fmt: skip
+    results: List[Any] = []
+    caller = threading.Thread(target=lambda: results.append(client.track("u", "E")), daemon=True)
+    try:
+        caller.start()
+        caller.join(30)
+        assert not caller.is_alive(), f"track() still running; the proxy sent {proxy.sent} bytes"
+        assert results[0][0] is False
+        assert len(errors) == 1 and "no complete answer" in str(errors[0][0]), errors
+        assert proxy.sent < 30
+    finally:
+        proxy.close()
 
 
 def test_an_uploader_draining_against_a_trickling_endpoint_exits_at_its_deadline(

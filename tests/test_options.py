@@ -77,7 +77,8 @@ def test_every_environment_variable_is_read_through_the_table(field: Any) -> Non
         "runtime_dir": "/nowhere",
     }.get(field.name)
     if value is None:
-        value = "true" if field.default is False else str((field.default or 0) + 1)
+        flag = isinstance(field.default, bool)
+        value = ("false" if field.default else "true") if flag else str((field.default or 0) + 1)
     if field in _options.HOST_FIELDS:
         resolved: Any = _options.host_settings(env={env_name: value})
     else:

@@ -14,9 +14,11 @@ starts one (:func:`.lifecycle.ensure`). ``track()`` alone cannot cover an upload
 dies just after accepting a host's last event (its heartbeat is still fresh at that
 check, and on a quiet host no further call comes): so the first ``put`` in a process
 also starts one small daemon *watch* thread, which wakes once a second and, only while
-the ring holds records, runs the same check. It sleeps otherwise (an mmap read per
-second), and is never started where threads may not run (a uWSGI master, workers
-without ``enable-threads``); there the next call or the exit flush covers it.
+the ring holds records, runs the same check. It exits after :data:`WATCH_IDLE_EXIT`
+seconds of an empty ring (the next ``put`` starts it again) or when told to
+(:meth:`SharedSink.stop_threads`, before a server forks), and is never started where
+threads may not run (a uWSGI master, workers without ``enable-threads``); there the
+next call or the exit flush covers it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from .ring import Ring
 logger = logging.getLogger("cdpmp")
 
 CHECK_EVERY = 1.0  # seconds between a producer's liveness checks
+WATCH_IDLE_EXIT = 10.0  # seconds of an empty ring after which the watch thread exits
 
 
 def source_id(settings: Settings) -> int:
@@ -86,6 +89,8 @@ class SharedSink:
         self._registered = False
         self._checking = threading.Lock()  # one check at a time: put() or the watch
         self._watch_pid = -1
+        self._watcher: Optional[threading.Thread] = None
+        self._watch_stop = threading.Event()
 
     def reset_after_fork(self) -> None:
         if self._pid != os.getpid():
@@ -132,9 +137,20 @@ class SharedSink:
             self._checking.release()
         if self._watch_pid != self._pid and PROCESS.may_start_thread():
             self._watch_pid = self._pid
-            threading.Thread(
-                target=_watch, args=(weakref.ref(self), self._pid), name="cdpmp-watch", daemon=True
-            ).start()
+            self._watch_stop = stop = threading.Event()
+            self._watcher = threading.Thread(
+                target=_watch, args=(weakref.ref(self), self._pid, stop), name="cdpmp-watch", daemon=True
+            )
+            self._watcher.start()
+
+    def stop_threads(self, deadline: float) -> bool:
+        """End the watch thread (the uploader delivers; nothing else runs here)."""
+        watcher = self._watcher
+        if watcher is None or self._pid != os.getpid():
+            return True
+        self._watch_stop.set()
+        watcher.join(max(0.0, deadline - time.monotonic()))
+        return not watcher.is_alive()
 
     def _check_uploader(self, ring: Ring) -> None:
         if ring.replaced():
@@ -233,24 +249,33 @@ class SharedSink:
         return self._here().counters()
 
 
-def _watch(ref: weakref.ReferenceType[SharedSink], pid: int) -> None:
+def _watch(ref: weakref.ReferenceType[SharedSink], pid: int, stop: threading.Event) -> None:
     """The watch thread (see the module docstring). Holds the sink only weakly, and
-    ends when the sink is gone, retired or belongs to another pid."""
-    while True:
-        time.sleep(CHECK_EVERY)
+    ends when the sink is gone, retired or belongs to another pid, when ``stop`` is
+    set, or after WATCH_IDLE_EXIT seconds of an empty ring."""
+    idle_since = time.monotonic()
+    try:
+        while not stop.wait(CHECK_EVERY):
+            sink = ref()
+            if sink is None or sink._pid != pid or sink._ring is None:
+                return
+            now = time.monotonic()
+            try:
+                ring = sink._ring
+                busy = ring.peek()[2] > 0 or notices.pending(ring, sink._dir, sink._source)
+                if busy and now >= sink._next_check:
+                    sink._check(now)
+            except (ValueError, OSError):  # the ring was closed under us
+                return
+            del sink
+            if busy:
+                idle_since = now
+            elif now - idle_since >= WATCH_IDLE_EXIT:
+                return
+    finally:
         sink = ref()
-        if sink is None or sink._pid != pid or sink._ring is None:
-            return
-        now = time.monotonic()
-        try:
-            ring = sink._ring
-            if now >= sink._next_check and (
-                ring.peek()[2] > 0 or notices.pending(ring, sink._dir, sink._source)
-            ):
-                sink._check(now)
-        except (ValueError, OSError):  # the ring was closed under us
-            return
-        del sink
+        if sink is not None and sink._watch_pid == pid:
+            sink._watch_pid = -1  # the next check starts another
 
 
 def _create_time(pid: int) -> float:

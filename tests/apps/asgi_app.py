@@ -1,7 +1,7 @@
 """A small ASGI app for the Uvicorn tests: ``GET /?id=R&k=K`` tracks K events with
 messageIds ``R-0 .. R-(K-1)`` and answers "ok" when every ``track()`` succeeded. It
 does not implement lifespan itself (as many small apps do not); the README's one line
-wraps it. ``APP_CLIENT=official`` uses customerio-cdp-analytics instead (benchmarks). Settings come from the environment (``CDP_WRITE_KEY``, ``CDP_ENDPOINT``...).
+wraps it, unless ``APP_NO_WRAPPER=1`` (an app that forgot the line). ``APP_CLIENT=official`` uses customerio-cdp-analytics instead (benchmarks). Settings come from the environment (``CDP_WRITE_KEY``, ``CDP_ENDPOINT``...).
 """
 
 from __future__ import annotations
@@ -42,5 +42,7 @@ async def _app(
     await send({"type": "http.response.body", "body": body})
 
 
-# The official client has no such helper: it runs the bare app.
-app = _app if os.environ.get("APP_CLIENT") == "official" else cdpmp.integrations.asgi.lifespan(_app)
+# The official client has no such helper: it runs the bare app; so does an app that
+# forgot the line (APP_NO_WRAPPER=1).
+bare = os.environ.get("APP_CLIENT") == "official" or os.environ.get("APP_NO_WRAPPER") == "1"
+app = _app if bare else cdpmp.integrations.asgi.lifespan(_app)

@@ -1,16 +1,19 @@
 """A Celery app for the prefork tests: kombu's filesystem broker (no server needed).
 
-``CELERY_FS_DIR`` names the broker folder. The one-line integration is the import.
+``CELERY_FS_DIR`` names the broker folder. The one-line integration is the import;
+``APP_NO_INTEGRATION=1`` leaves it out (an app that forgot it), and then imports cdpmp
+*before* Celery, the harder order for cdpmp's own detection of a worker.
 """
 
 from __future__ import annotations
 
 import os
 
-from celery import Celery
+from cdpmp import analytics  # isort: skip  (before Celery: see the docstring)
+from celery import Celery  # isort: skip
 
-import cdpmp.integrations.celery  # noqa: F401  (connects the worker signals)
-from cdpmp import analytics
+if os.environ.get("APP_NO_INTEGRATION") != "1":
+    import cdpmp.integrations.celery  # noqa: F401  (connects the worker signals)
 
 _folder = os.environ.get("CELERY_FS_DIR", "/tmp/cdpmp-celery")
 os.makedirs(_folder, exist_ok=True)

@@ -1,0 +1,145 @@
+"""Every way a plain Python process ends: SIGTERM under the default disposition (what
+``docker stop`` and Kubernetes send to a worker script that installs no handler), a
+handler the application installed, a disposition set in C (an embedding server), a
+second SIGTERM during the drain, and the opt-out. Real processes and real signals;
+counts by messageId."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from typing import Dict, List
+
+import pytest
+
+from cdpmp.testing import Collector, Conditions
+
+pytestmark = pytest.mark.timeout(90)
+
+EVENTS = 500
+
+
+def _script(collector: Collector, before: str = "", after: str = "", interval: float = 60.0) -> str:
+    """Queue EVENTS events that nothing sends before the process is stopped (a 60 s
+    interval, batches larger than the queue), say "ready", then wait for a signal."""
+    return textwrap.dedent(f"""
+        import os, signal, sys, time
+        {before}
+        from cdpmp import analytics
+        analytics.write_key = {collector.write_key!r}
+        analytics.endpoint = {collector.url!r}
+        analytics.upload_interval = {interval}
+        analytics.upload_size = 1000
+        for i in range({EVENTS}):
+            assert analytics.track(user_id="u", event="E", message_id=f"m-{{i}}")[0]
+        {after}
+        print("ready", signal.getsignal(signal.SIGTERM), flush=True)
+        time.sleep(60)
+    """)
+
+
+def _run_until_signalled(
+    script: str, env: Dict[str, str], signals: List[int]
+) -> subprocess.CompletedProcess[str]:
+    """Start ``script``, wait for "ready", send ``signals`` (0.3 s apart), and wait."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("CDP_")}, **env},
+    )
+    try:
+        assert proc.stdout is not None
+        ready = proc.stdout.readline()
+        assert ready.startswith("ready"), ready + proc.communicate(timeout=10)[1]
+        for i, sig in enumerate(signals):
+            if i:
+                try:
+                    proc.wait(timeout=0.3)
+                except subprocess.TimeoutExpired:
+                    pass
+            proc.send_signal(sig)
+        out, err = proc.communicate(timeout=40)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, ready + out, err)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _ids(n: int) -> List[str]:
+    return [f"m-{i}" for i in range(n)]
+
+
+@pytest.mark.parametrize("mode", ["direct", "shared"])
+def test_sigterm_under_the_default_disposition_drains_then_dies_of_it(
+    mode: str, collector: Collector, request: pytest.FixtureRequest
+) -> None:
+    collector.set_conditions(Conditions(latency=0.05))
+    env = {"CDP_MODE": mode}
+    if mode == "shared":  # the events wait in the host's ring, for the uploader's interval
+        env["CDP_RUNTIME_DIR"] = request.getfixturevalue("runtime_dir")
+    done = _run_until_signalled(
+        _script(collector, interval=60.0 if mode == "direct" else 1.0), env, [signal.SIGTERM]
+    )
+    assert "_on_sigterm" in done.stdout, done.stdout
+    assert done.returncode == -signal.SIGTERM, done.stderr[-3000:]  # dies of it, as before
+    assert collector.wait_for(EVENTS, timeout=20), done.stderr[-3000:]
+    assert sorted(collector.message_ids()) == sorted(_ids(EVENTS))  # each exactly once
+
+
+def test_opting_out_leaves_sigterm_untouched(collector: Collector) -> None:
+    done = _run_until_signalled(_script(collector), {"CDP_SIGTERM_DRAIN": "0"}, [signal.SIGTERM])
+    assert done.returncode == -signal.SIGTERM
+    assert "ready 0" in done.stdout or "SIG_DFL" in done.stdout, done.stdout
+    assert collector.message_ids() == []  # what the process held died with it
+
+
+def test_a_handler_the_application_installed_is_kept(collector: Collector) -> None:
+    # Installed before cdpmp was imported: cdpmp must not replace it. The app's handler
+    # exits normally, so atexit drains everything.
+    before = "signal.signal(signal.SIGTERM, lambda s, f: (print('app handler', flush=True), sys.exit(3)))"
+    done = _run_until_signalled(_script(collector, before=before), {}, [signal.SIGTERM])
+    assert "<lambda>" in done.stdout and "app handler" in done.stdout, done.stdout
+    assert done.returncode == 3
+    assert sorted(collector.message_ids()) == sorted(_ids(EVENTS))
+
+
+def test_a_handler_installed_after_cdpmp_wins(collector: Collector) -> None:
+    after = "signal.signal(signal.SIGTERM, lambda s, f: sys.exit(4))"
+    done = _run_until_signalled(_script(collector, after=after), {}, [signal.SIGTERM])
+    assert done.returncode == 4, done.stderr[-2000:]
+    assert sorted(collector.message_ids()) == sorted(_ids(EVENTS))
+
+
+def test_a_disposition_set_in_c_is_never_replaced(collector: Collector) -> None:
+    # As an embedding server does (uWSGI installs its handlers in C, after Python
+    # started, so Python still reports SIG_DFL): here SIG_IGN, set through libc.
+    before = "import ctypes; ctypes.CDLL(None).signal(signal.SIGTERM, ctypes.c_void_p(1))"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _script(collector, before=before)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        ready = proc.stdout.readline()
+        assert "_on_sigterm" not in ready, ready  # Python's view still says SIG_DFL
+        proc.send_signal(signal.SIGTERM)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=1.0)  # ignored, as the C disposition says
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_a_second_sigterm_during_the_drain_ends_the_process_at_once(collector: Collector) -> None:
+    # The endpoint holds every request 30 s; the drain may take 60 s: only the second
+    # SIGTERM can end the process within the 40 s this test waits.
+    collector.set_conditions(Conditions(latency=30.0))
+    done = _run_until_signalled(
+        _script(collector), {"CDP_EXIT_TIMEOUT": "60"}, [signal.SIGTERM, signal.SIGTERM]
+    )
+    assert done.returncode == -signal.SIGTERM, done.stderr[-2000:]
