@@ -109,6 +109,33 @@ class DirectSink:
         return not self._queue and not self._held and self._in_flight == 0
 
     def put(self, data: bytes) -> Optional[DeliveryError]:
+        refusal = self._put(data)
+        wait = self._settings.block_on_full
+        if refusal is None or not wait or not PROCESS.may_start_thread():
+            return refusal
+        # block_on_full (a backfill): wait for the senders to make room, bounded.
+        deadline = time.monotonic() + wait
+        while refusal is not None and time.monotonic() < deadline:
+            self._wait_for_room(len(data), deadline)
+            refusal = self._put(data)
+        return refusal
+
+    def _wait_for_room(self, size: int, deadline: float) -> None:
+        """Until the queue could take one more message of ``size`` bytes, or the
+        deadline. Senders notify ``_idle`` as each batch settles."""
+        engine().activate(self)
+        settings = self._settings
+        with self._idle:
+            while (
+                len(self._queue) + self._held_count >= settings.max_queue_size
+                or self._bytes + size > settings.max_queue_bytes
+            ):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._idle.wait(min(left, 0.05))
+
+    def _put(self, data: bytes) -> Optional[DeliveryError]:
         if self._pid != os.getpid():
             self._here()  # first call in this process
         settings = self._settings

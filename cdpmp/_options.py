@@ -110,13 +110,9 @@ class Settings:
     )
     sync_mode: bool = option(False, doc="send each event inline, on the caller's thread", positional=8)
     timeout: float = option(
-        15.0,
-        env="CDP_TIMEOUT",
-        doc="seconds per request, in total (connect, send and the whole answer)",
-        minimum=0.001,
-        positional=9,
-        source=True,
-    )
+        15.0, env="CDP_TIMEOUT", doc="seconds per request, in total (connect, send and the whole answer)",
+        minimum=0.001, positional=9, source=True,
+    )  # fmt: skip
     proxies: Optional[Dict[str, str]] = option(
         None, doc="`{scheme: url}`; default: `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY`", positional=10
     )
@@ -127,13 +123,9 @@ class Settings:
         100, env="CDP_UPLOAD_SIZE", doc="events per batch", minimum=1, positional=12, source=True
     )
     upload_interval: float = option(
-        0.5,
-        env="CDP_UPLOAD_INTERVAL",
-        doc="seconds the oldest waiting event waits for a batch to fill",
-        minimum=0.0,
-        positional=13,
-        source=True,
-    )
+        0.5, env="CDP_UPLOAD_INTERVAL", doc="seconds the oldest waiting event waits for a batch to fill",
+        minimum=0.0, positional=13, source=True,
+    )  # fmt: skip
     retry_budget: Optional[float] = option(
         None,
         env="CDP_RETRY_BUDGET",
@@ -149,6 +141,10 @@ class Settings:
     max_in_flight: int = option(
         16, env="CDP_MAX_IN_FLIGHT", doc="concurrent requests at most (they grow only on the network's wait)",
         minimum=1, source=True,
+    )  # fmt: skip
+    block_on_full: Optional[float] = option(
+        None, env="CDP_BLOCK_ON_FULL", minimum=0.0, shown="none", doc="seconds a call may wait for room when the "
+        "queue (shared: the source's share) is full; none: refuse at once. For backfills, never on a request path",
     )  # fmt: skip
     exit_timeout: float = option(
         10.0, env="CDP_EXIT_TIMEOUT", doc="seconds the exit drain may take", minimum=0.0

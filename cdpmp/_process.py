@@ -29,7 +29,9 @@ Durations are seconds.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import functools
 import os
 import sys
 import threading
@@ -58,6 +60,8 @@ class Member(Protocol):
     def flush(self, timeout: Optional[float] = None) -> bool: ...
 
     def _stop_threads(self, deadline: float) -> bool: ...
+
+    def _depth(self) -> int: ...
 
 
 class ProcessState:
@@ -192,6 +196,17 @@ class ProcessState:
         """Seconds the exit drain may take: the longest ``exit_timeout`` of a member."""
         return max((m.settings.exit_timeout for m in self.members()), default=0.0)
 
+    def flush_all(self, timeout: float) -> bool:
+        """Flush every member that holds something, sharing one deadline; True when all
+        drained. Costs a depth check per member when nothing was tracked (serverless
+        handlers call it at the end of every invocation)."""
+        deadline = time.monotonic() + timeout
+        drained = True
+        for member in self.members():
+            if member._depth():
+                drained = member.flush(max(0.0, deadline - time.monotonic())) and drained
+        return drained
+
     def quiesce(self, timeout: float) -> bool:
         """End every thread cdpmp runs in this process, after sending what is queued,
         all within ``timeout`` (before a server forks: Python 3.12+ warns at a fork
@@ -228,6 +243,12 @@ class ProcessState:
 
 
 PROCESS = ProcessState()
+
+
+async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on the event loop's executor: blocking waits (flush, shutdown, the
+    exit drain) never block the loop; the awaitable API and the integrations use it."""
+    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
 
 
 def _after_fork_in_child() -> None:

@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ._options import MODULE_SETTINGS
 from ._outcome import Stats
+from ._process import off_loop
 from .client import Client, Result
 from .errors import ConfigurationError
 
@@ -164,6 +165,17 @@ def shutdown(*args: Any, **kwargs: Any) -> bool:
         foreign.flush()
         return bool(foreign.join())
     return _each("shutdown", _timeout(args, kwargs))
+
+
+async def aflush(timeout: Optional[float] = None) -> bool:
+    """:func:`flush`, awaitable: the wait runs on the loop's executor, never on the
+    event loop. A stubbed ``default_client`` gets ``flush`` as :func:`flush` gives it."""
+    return await off_loop(flush, *([] if timeout is None else [timeout]))
+
+
+async def ashutdown(timeout: Optional[float] = None) -> bool:
+    """:func:`shutdown`, awaitable (see :func:`aflush`)."""
+    return await off_loop(shutdown, *([] if timeout is None else [timeout]))
 
 
 def stats() -> Stats:

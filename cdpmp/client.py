@@ -34,7 +34,7 @@ from ._options import (
     resolve,
 )
 from ._outcome import DropReason, Ledger, Stats
-from ._process import PROCESS
+from ._process import PROCESS, off_loop
 from ._sink import Sink, SyncSink
 from ._version import LIBRARY_NAME, __version__
 from .errors import MessageRejected, MissingIdentity
@@ -342,6 +342,15 @@ class Client:
             self._ledger.report_losses()
         return drained
 
+    async def aflush(self, timeout: Optional[float] = None) -> bool:
+        """:meth:`flush`, awaitable from ``async`` code: the wait runs on the loop's
+        executor, so the event loop keeps serving while events are delivered."""
+        return await off_loop(self.flush, timeout)
+
+    async def ashutdown(self, timeout: Optional[float] = None) -> bool:
+        """:meth:`shutdown`, awaitable (see :meth:`aflush`)."""
+        return await off_loop(self.shutdown, timeout)
+
     def join(self, timeout: Optional[float] = None) -> bool:
         """The official client's ``join``: here the same as :meth:`shutdown` (it also
         drains the queue instead of finishing only the batch in flight)."""
@@ -353,6 +362,9 @@ class Client:
 
     def _reset_after_fork(self) -> None:
         self._sink.reset_after_fork()
+
+    def _depth(self) -> int:
+        return self._sink.depth()
 
     def _stop_threads(self, deadline: float) -> bool:
         return self._sink.stop_threads(deadline)

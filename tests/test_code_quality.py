@@ -11,7 +11,7 @@ from typing import List
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ["cdpmp", "tests", "benchmarks"]
+SOURCES = ["cdpmp", "tests", "benchmarks", "examples"]
 
 
 @pytest.mark.parametrize(

@@ -11,11 +11,13 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from typing import Dict, List
 
 import pytest
 
 from cdpmp.testing import Collector, Conditions
+from tests.servers import assert_exactly_once, free_port, load, start_server
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -143,3 +145,31 @@ def test_a_second_sigterm_during_the_drain_ends_the_process_at_once(collector: C
         _script(collector), {"CDP_EXIT_TIMEOUT": "60"}, [signal.SIGTERM, signal.SIGTERM]
     )
     assert done.returncode == -signal.SIGTERM, done.stderr[-2000:]
+
+
+@pytest.mark.servers
+@pytest.mark.timeout(180)
+def test_django_runserver_in_shared_mode_loses_nothing_to_its_reloader(
+    tmp_path: Path, collector: Collector, runtime_dir: str
+) -> None:
+    # runserver's autoreloader answers SIGTERM by exiting, and subprocess.run kills the
+    # serving child with SIGKILL on the way out: no Python code runs there, so direct
+    # mode loses what the child held (the README says so). Shared mode keeps it in the
+    # host's ring.
+    pytest.importorskip("django", reason="the core suite runs without it")
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "django",
+        "runserver",
+        "--settings",
+        "tests.apps.django_app",
+        f"127.0.0.1:{port}",
+    ]
+    env = {"CDP_MODE": "shared", "CDP_RUNTIME_DIR": runtime_dir, "CDP_UPLOAD_INTERVAL": "5"}
+    server = start_server(cmd, collector, tmp_path / "server.log", port, **env)
+    ok = load(server.port, 300, k=3)
+    server.stop(signal.SIGTERM)
+    assert len(ok) == 300, server.output(5000)
+    assert_exactly_once(collector, ok, 3, import_events=0)

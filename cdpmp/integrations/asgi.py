@@ -37,12 +37,11 @@ Run the server with lifespan on (Uvicorn's default ``--lifespan auto`` is fine);
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import traceback
 from typing import Any, Awaitable, Callable, MutableMapping, Optional, Set
 
-from .._process import PROCESS
+from .._process import PROCESS, off_loop
 
 logger = logging.getLogger("cdpmp")
 
@@ -58,7 +57,7 @@ _FINAL = (STARTUP + ".failed", SHUTDOWN + ".complete", SHUTDOWN + ".failed")  # 
 
 async def drain() -> bool:
     """Flush and stop every client of this process (blocking work, on a thread)."""
-    drained = await asyncio.get_running_loop().run_in_executor(None, PROCESS.drain_all)
+    drained = await off_loop(PROCESS.drain_all)
     if not drained:
         logger.warning("cdpmp: the lifespan shutdown drain reached its deadline; see stats()['dropped']")
     return bool(drained)

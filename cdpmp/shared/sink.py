@@ -110,6 +110,8 @@ class SharedSink:
         try:
             ring = self._ring if self._pid == os.getpid() and self._ring is not None else self._here()
             accepted = ring.put(self._source, data, limit)
+            if not accepted and self._settings.block_on_full:
+                accepted = self._wait_and_put(ring, data, limit)
         except OSError as exc:  # RingBusy (a wedged lock, bounded), or the ring unusable here
             return MessageRejected("queue_full", f"the host's ring cannot take it: {exc}")
         if accepted:
@@ -122,6 +124,21 @@ class SharedSink:
         if now >= self._next_check:
             self._check(now)
         return refusal
+
+    def _wait_and_put(self, ring: Ring, data: bytes, limit: int) -> bool:
+        """``block_on_full``: try again until the uploader made room (it releases
+        records as batches are acknowledged), polling from 1 ms up to 20 ms."""
+        deadline = time.monotonic() + (self._settings.block_on_full or 0.0)
+        pause = 0.001
+        while time.monotonic() < deadline:
+            now = time.monotonic()
+            if now >= self._next_check:
+                self._check(now)  # the uploader may be gone: the one making room
+            time.sleep(min(pause, max(0.0, deadline - now)))
+            pause = min(pause * 2, 0.02)
+            if ring.put(self._source, data, limit):
+                return True
+        return False
 
     def _check(self, now: float) -> None:
         """The liveness check, from ``put`` or the watch thread, never both at once."""
