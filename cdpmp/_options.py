@@ -10,7 +10,8 @@ environment variable, lower bound and documentation). From that one table come:
 * every ``CDP_*`` environment variable: nothing else in cdpmp reads one
   (:func:`resolve`, :func:`host_settings`);
 * the entries shared-mode producers write for the uploader (:func:`source_entry`);
-* the settings table of the README (:func:`markdown_table`; a test compares them).
+* the settings table of the manual, docs/configuration.md (:func:`markdown_table`; a test
+  compares them).
 
 Resolution order for every option is argument → environment → default, done once at
 construction (OpenTelemetry's convention). ``None`` means "not given". Durations are
@@ -58,8 +59,8 @@ def option(
 
     ``positional``: index in the official ``Client`` signature; ``source``: travels
     to the shared-mode uploader; ``alias``: a second accepted name; ``shown``: the
-    default as the README states it, when the value itself says too little; ``scope``:
-    where a host-level option applies (the README's table says).
+    default as the manual states it, when the value itself says too little; ``scope``:
+    where a host-level option applies (the manual's table says).
     """
     meta = {"env": env, "doc": doc, "minimum": minimum, "positional": positional, "source": source,
             "alias": alias, "shown": shown, "scope": scope}  # fmt: skip
@@ -375,7 +376,7 @@ def from_source_entry(entry: Mapping[str, Any]) -> Settings:
 
 
 def markdown_table() -> str:
-    """The README's table of options, generated from this module."""
+    """The manual's table of options (docs/configuration.md), generated from this module."""
     rows = ["| option | environment | default | meaning |", "|---|---|---|---|"]
     for f in FIELDS:
         name = f"`{f.name}`" + (f" (alias `{f.metadata['alias']}`)" if f.metadata["alias"] else "")

@@ -116,7 +116,7 @@ class HostStats(TypedDict):
 
 
 class Stats(TypedDict):
-    """``Client.stats()``: this client in this process (see the README, field by field)."""
+    """``Client.stats()``: this client in this process (docs/observability.md, field by field)."""
 
     mode: str
     pid: int

@@ -357,7 +357,7 @@ class Client:
         return self.shutdown(timeout)
 
     def stats(self) -> Stats:
-        """Cheap counters for this client in this process (see the README)."""
+        """Cheap counters for this client in this process (docs/observability.md)."""
         return self._ledger.snapshot(self._sink.mode, self._sink.depth(), self._sink.host())
 
     def _reset_after_fork(self) -> None:

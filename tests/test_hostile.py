@@ -278,8 +278,8 @@ def test_values_that_would_change_silently_are_coerced_or_refused(offline_client
     tz = dt.timezone(dt.timedelta(hours=2))
     assert _message.serialize({"t": dt.time(12, 0, tzinfo=tz)}) == b'{"t":"12:00:00+02:00"}'
     assert _message.serialize({"n": float("nan"), "i": float("inf")}) == b'{"n":null,"i":null}'
-    readme = (ROOT / "README.md").read_text()
-    assert "NaN" in readme and "collide" in readme
+    page = (ROOT / "docs" / "values.md").read_text()
+    assert "NaN" in page and "collide" in page
 
 
 @pytest.fixture

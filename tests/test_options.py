@@ -25,9 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "cdpmp"
 
 
-def test_readme_settings_table_is_the_options_table() -> None:
-    readme = (ROOT / "README.md").read_text()
-    assert _options.markdown_table() in readme
+def test_the_configuration_page_table_is_the_options_table() -> None:
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    assert _options.markdown_table() in page
 
 
 def test_client_takes_the_official_positional_order() -> None:
