@@ -359,7 +359,10 @@ class DirectSink:
             engine().activate(self)
 
     def stop_threads(self, deadline: float) -> bool:
-        """The sender threads are the process's engine's, shared by every client."""
+        """Send what is queued (only a sender thread would), then end the process's
+        sender threads (the engine's, shared by every client)."""
+        if self._pid == os.getpid() and self.depth():
+            self.flush(max(0.0, deadline - time.monotonic()))
         return engine().retire(deadline)
 
     def retired(self) -> bool:  # a retired sink that holds nothing

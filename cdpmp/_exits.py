@@ -18,10 +18,12 @@ The rules, and why:
 * **Only from the main thread**, which is where ``signal.signal`` may be called; it is
   tried when cdpmp is imported, when a client is made, and when a process first queues
   (per pid, so a worker whose server reset SIGTERM to the default is armed again).
-* **The drain runs on its own thread** (``cdpmp-exit``) and the handler waits for it with
-  a deadline: a handler runs between two bytecodes of the main thread, which may hold a
-  client's lock or the logging lock at that moment; waiting inline could deadlock the
-  process instead of ending it. A second SIGTERM during the drain ends it at once.
+* **The drain runs on its own thread** and the handler waits for it with a deadline: a
+  handler runs between two bytecodes of the main thread, which may hold a client's lock
+  or the logging lock at that moment; waiting inline could deadlock the process instead
+  of ending it. The thread is started with ``_thread.start_new_thread``, which takes no
+  lock of ``threading``'s (``Thread.start`` takes one the main thread may hold). A
+  second SIGTERM during the drain ends the process at once.
 * **Uvicorn** catches SIGTERM itself, stops gracefully, then restores the handler it
   found and raises the signal again. If that handler was ours (cdpmp imported before
   the server started, as in gunicorn's ``UvicornWorker``, where the gunicorn hook arms
@@ -37,6 +39,7 @@ Durations are seconds.
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import ctypes
 import inspect
@@ -133,7 +136,7 @@ def _on_sigterm(signum: int, frame: Any) -> None:
             done.set()
 
     try:
-        threading.Thread(target=run, name="cdpmp-exit", daemon=True).start()
+        _thread.start_new_thread(run, ())
     except RuntimeError:  # no thread can start (interpreter finalising)
         _die(signum)
     if not done.wait(budget + JOIN_SLACK):

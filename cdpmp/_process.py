@@ -208,16 +208,15 @@ class ProcessState:
         return drained
 
     def quiesce(self, timeout: float) -> bool:
-        """End every thread cdpmp runs in this process, after sending what is queued,
-        all within ``timeout`` (before a server forks: Python 3.12+ warns at a fork
-        beside live threads, and a child inherits any lock a thread held). Threads start
-        again on demand. True when none is left; what could not be sent stays queued."""
+        """End every thread cdpmp runs in this process within ``timeout`` (before a
+        server forks: Python 3.12+ warns at a fork beside live threads, and a child
+        inherits any lock a thread held). Each mode first sends what only its threads
+        would send (direct mode's queue; shared mode's events are in the ring already).
+        Threads start again on demand. True when none is left. Costs nothing in a
+        process that never tracked."""
         deadline = time.monotonic() + timeout
-        members = self.members()
-        for member in members:
-            member.flush(max(0.0, deadline - time.monotonic()))
         stopped = True
-        for member in members:
+        for member in self.members():
             stopped = member._stop_threads(deadline) and stopped
         return stopped
 

@@ -41,7 +41,8 @@ class Sink(Protocol):
 
     def stop_threads(self, deadline: float) -> bool:
         """End the threads this mode runs in this process by ``deadline`` (monotonic),
-        keeping what is queued; they start again on demand. True when none is left."""
+        after sending what only they would send; what could not be sent in time stays
+        queued. They start again on demand. True when none is left."""
 
     def depth(self) -> int:
         """Messages accepted but not yet delivered or failed."""

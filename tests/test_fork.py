@@ -184,3 +184,23 @@ def test_sigkilled_worker_loses_its_unsent_queue_in_direct_mode(collector: Colle
         proc.wait(10)
     collector.wait_for(1, timeout=1.0)
     assert len(collector.messages) == 0  # all 500 queued events were lost with the process
+
+
+def test_quiesce_sends_then_ends_every_thread_and_they_come_back_on_demand(collector: Collector) -> None:
+    # What the gunicorn pre_fork hook calls in a master that tracked: nothing of cdpmp's
+    # may be running when the server forks, and nothing queued may be left behind.
+    from cdpmp._process import PROCESS
+
+    client = cdpmp.Client(collector.write_key, endpoint=collector.url, upload_interval=60)
+    try:
+        for i in range(50):
+            client.track("u", "E", message_id=f"q-{i}")
+        assert any(t.name == "cdpmp-sender" for t in threading.enumerate())
+        assert PROCESS.quiesce(5.0)
+        assert [t.name for t in threading.enumerate() if t.name in ("cdpmp-sender", "cdpmp-watch")] == []
+        assert sorted(collector.message_ids()) == sorted(f"q-{i}" for i in range(50))
+        client.track("u", "E", message_id="after")
+        assert client.flush(10)
+        assert "after" in collector.message_ids()
+    finally:
+        client.shutdown(timeout=5)
