@@ -56,6 +56,33 @@ def _track(message_id: str) -> None:
     assert analytics.track(user_id="u", event="E", message_id=message_id)[0]
 
 
+@pytest.mark.parametrize("speaks_lifespan", [True, False], ids=["app-speaks-lifespan", "app-does-not"])
+def test_lifespan_wrapper_drains_after_the_apps_own_shutdown(
+    speaks_lifespan: bool, collector: Collector
+) -> None:
+    from cdpmp import analytics
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        analytics.track(user_id="u", event="Started", message_id="started")
+        if not speaks_lifespan:
+            raise RuntimeError("lifespan unsupported")
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            else:
+                analytics.track(user_id="u", event="Stopping", message_id="stopping")
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    told, raised = _cycle(app, collector)
+    assert [m["type"] for m in told] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert raised is None
+    # A 30 s upload interval: only the drain at shutdown can have sent these.
+    expected = ["started", "stopping"] if speaks_lifespan else ["started"]
+    assert sorted(collector.message_ids()) == expected
+
+
 def test_an_app_that_returns_on_the_lifespan_scope_is_answered_for_and_drained(collector: Collector) -> None:
     async def app(scope: Any, receive: Any, send: Any) -> None:
         _track("at-import-like")

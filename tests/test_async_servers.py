@@ -7,7 +7,6 @@ a graceful stop, counted by messageId.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import List
 
 import pytest
 
@@ -97,59 +96,6 @@ def test_hypercorn_workers_in_shared_mode(tmp_path: Path, tls_collector: Collect
     server.stop(signal.SIGTERM)
     assert len(ok) == 300, server.output(5000)
     assert_exactly_once(tls_collector, ok, 3, import_events=0)
-
-
-def _lifespan_messages(app: Any, collector: Collector) -> List[str]:
-    """Run one lifespan cycle (startup, shutdown) through the wrapped ``app``; return
-    the types it answered."""
-    from cdpmp import analytics
-    from cdpmp.integrations.asgi import lifespan
-
-    analytics.write_key, analytics.endpoint, analytics.upload_interval = (
-        collector.write_key,
-        collector.url,
-        30.0,
-    )
-    sent: List[str] = []
-
-    async def cycle() -> None:
-        inbox: asyncio.Queue[Dict[str, str]] = asyncio.Queue()
-        for kind in ("lifespan.startup", "lifespan.shutdown"):
-            inbox.put_nowait({"type": kind})
-
-        async def send(message: Any) -> None:
-            sent.append(message["type"])
-
-        await lifespan(app)({"type": "lifespan"}, inbox.get, send)
-
-    asyncio.run(cycle())
-    return sent
-
-
-@pytest.mark.parametrize("speaks_lifespan", [True, False], ids=["app-speaks-lifespan", "app-does-not"])
-def test_lifespan_wrapper_drains_after_the_apps_own_shutdown(
-    speaks_lifespan: bool, collector: Collector
-) -> None:
-    from cdpmp import analytics
-
-    async def app(scope: Any, receive: Any, send: Any) -> None:
-        analytics.track(user_id="u", event="Started", message_id="started")
-        if not speaks_lifespan:
-            raise RuntimeError("lifespan unsupported")
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            else:
-                analytics.track(user_id="u", event="Stopping", message_id="stopping")
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-
-    answered = _lifespan_messages(app, collector)
-    assert answered == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
-    # A 30 s upload interval: only the drain at shutdown can have sent these.
-    expected = ["started", "stopping"] if speaks_lifespan else ["started"]
-    assert sorted(collector.message_ids()) == expected
 
 
 @pytest.mark.parametrize("mode", ["direct", "shared"])
