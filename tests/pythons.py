@@ -5,8 +5,8 @@ An interpreter is found under pyenv (``$PYENV_ROOT``, default ``~/.pyenv``) or o
 ``PATH`` (``python3.X``); where none is, the test skips and says so. Each gets a virtual
 environment with the project installed (editable) and the extras asked for, built
 once and kept under ``~/.cache/cdpmp-tests`` (``CDPMP_TEST_CACHE``), keyed by the
-interpreter's version and a hash of ``pyproject.toml``: a changed dependency list
-builds a new one. Building takes about a minute; every wait has a deadline.
+interpreter, the checkout's path and ``pyproject.toml``: a changed dependency list (or
+another clone) builds a new one. Building takes about a minute; every wait has a deadline.
 """
 
 from __future__ import annotations
@@ -58,7 +58,10 @@ def venv(version: str, extras: Sequence[str], packages: Sequence[str] = ()) -> P
     if interpreter is None:
         raise LookupError(f"no Python {version} on PATH or under pyenv")
     key = hashlib.sha256(
-        "\n".join([interpreter, (ROOT / "pyproject.toml").read_text(), *extras, *packages]).encode()
+        # The checkout too: the project is installed editable, from this tree.
+        "\n".join(
+            [interpreter, str(ROOT), (ROOT / "pyproject.toml").read_text(), *extras, *packages]
+        ).encode()
     ).hexdigest()[:12]
     cache = Path(os.environ.get("CDPMP_TEST_CACHE") or Path.home() / ".cache" / "cdpmp-tests")
     home = cache / f"py{version}-{key}"

@@ -22,8 +22,8 @@ pytestmark = [pytest.mark.servers, pytest.mark.timeout(180)]
 
 @pytest.mark.parametrize(
     ("mode", "line", "per_child"),
-    [("direct", True, 1), ("shared", True, 1), ("direct", False, 1), ("direct", False, 10)],
-    ids=["direct", "shared", "direct-line-forgotten", "direct-line-forgotten-10-per-child"],
+    [("direct", True, 1), ("shared", True, 1), ("direct", False, 10)],
+    ids=["direct", "shared", "direct-line-forgotten-10-per-child"],
 )
 def test_prefork_children_deliver_everything(
     mode: str,
