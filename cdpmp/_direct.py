@@ -359,8 +359,7 @@ class DirectSink:
             engine().activate(self)
 
     def stop_threads(self, deadline: float) -> bool:
-        """Send what is queued (only a sender thread would), then end the process's
-        sender threads (the engine's, shared by every client)."""
+        """Send what is queued, then end the process's (shared) sender threads."""
         if self._pid == os.getpid() and self.depth():
             self.flush(max(0.0, deadline - time.monotonic()))
         return engine().retire(deadline)

@@ -45,6 +45,7 @@ from ._outcome import Ledger, report_losses
 
 T = TypeVar("T")
 BOOT_BUDGET = 1.0  # seconds a threadless master's inline send may take (see inline_deadline)
+SETTLE_BUDGET = 0.2  # seconds quiesce() waits for joined threads to leave the kernel's count
 
 
 class Member(Protocol):
@@ -218,6 +219,11 @@ class ProcessState:
         stopped = True
         for member in self.members():
             stopped = member._stop_threads(deadline) and stopped
+        # A joined thread can still be an OS thread for an instant, and CPython counts
+        # OS threads (/proc/self/task) for its fork warning: wait until they are gone.
+        settle = min(deadline, time.monotonic() + SETTLE_BUDGET)
+        while _os_threads() > threading.active_count() and time.monotonic() < settle:
+            time.sleep(0.001)
         return stopped
 
     def drain_all(self, timeout: Optional[float] = None) -> bool:
@@ -239,6 +245,14 @@ class ProcessState:
             self.draining_all = False
         report_losses([member._ledger for member in members])  # one line per process
         return drained
+
+
+def _os_threads() -> int:
+    """Threads the kernel counts for this process (0 where it cannot be read)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0
 
 
 PROCESS = ProcessState()
