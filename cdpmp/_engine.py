@@ -14,7 +14,8 @@ from the application's own request threads (measured: ``track()`` cost 15–27 �
 
   1. a backlog: at least a full batch is still waiting;
   2. the requests are *network-bound*: the sending thread's CPU time is at most
-     :data:`NETWORK_BOUND` of the request's wall time (a smoothed average; measured:
+     :data:`NETWORK_BOUND` of the request's wall time (a smoothed average, and each of the
+     last ``RECENT`` requests: a few stalled behind the GIL look network-bound; measured:
      0.5 for a local endpoint in another process, 0.2–0.26 for one in the caller's
      process, whose threads take the GIL too; 0.01–0.04 at 50–100 ms), and that wait
      (wall − CPU, smoothed) is at least :data:`MIN_WAIT`: below it one request at a

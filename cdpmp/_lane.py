@@ -8,7 +8,8 @@ Durations are seconds; the clock is ``time.monotonic`` unless a test injects one
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, Optional
+from collections import deque
+from typing import Callable, Deque, Dict, Optional
 
 from ._retry import RetryPolicy
 
@@ -23,6 +24,8 @@ STEP_GAIN = 0.5
 #: Seconds a level that did not pay off is not tried again.
 HOLD = 10.0
 _SMOOTHING = 0.3  # weight of the newest sample in the CPU-share average
+#: Requests in a row that must each be network-bound before concurrency may grow.
+RECENT = 4
 
 
 class Lane:
@@ -52,6 +55,7 @@ class Lane:
         self._level_events = 0
         self._level_wall = 0.0
         self._level_done = 0
+        self._recent: Deque[float] = deque(maxlen=RECENT)  # the last requests' CPU shares
         self._held_level = 0  # a level that did not pay off...
         self._held_until = 0.0  # ...is not tried again until then
 
@@ -77,6 +81,7 @@ class Lane:
         self.resume_at = 0.0
         if wall > 0:
             share = min(1.0, cpu / wall)
+            self._recent.append(share)
             if self.cpu_share < 0:
                 self.cpu_share, self.network_wait = share, wall - cpu
             self.cpu_share += _SMOOTHING * (share - self.cpu_share)
@@ -100,6 +105,10 @@ class Lane:
         elif (
             measured
             and 0 <= self.cpu_share <= NETWORK_BOUND
+            # Each of the last RECENT requests, not only the average: a few requests
+            # stalled behind the GIL or the scheduler (an endpoint in the caller's
+            # process, a loaded machine) look network-bound; real round trips all do.
+            and max(self._recent) <= NETWORK_BOUND
             and self.network_wait >= MIN_WAIT
             and self.limit < self.max_in_flight
             and not (self.limit + 1 >= self._held_level and now < self._held_until)

@@ -66,6 +66,19 @@ def test_lane_does_not_grow_when_sending_is_cpu_bound() -> None:
     assert set(_run(near, clock, 200, wall=0.002, cpu=0.0001, gain=True)) == {1}
 
 
+def test_lane_does_not_grow_on_a_few_requests_stalled_behind_the_gil() -> None:
+    # An endpoint in the caller's process (CPU share 0.25): now and then three requests
+    # in a row wait on the GIL or the scheduler and look network-bound (share 0.01,
+    # 50 ms). The smoothed share dips under NETWORK_BOUND; the lane must not grow (the
+    # suite's 0 ms burst test saw peak concurrency 2, 2 runs in 7, before this rule).
+    lane = Lane(16, clock=Clock())
+    for _ in range(20):
+        for wall, cpu in [(0.004, 0.001)] * 6 + [(0.05, 0.0005)] * 3:
+            lane.started()
+            lane.succeeded(backlog=True, events=100, wall=wall, cpu=cpu)
+            assert lane.limit == 1
+
+
 def test_lane_grows_while_requests_wait_on_the_network_and_it_pays() -> None:
     clock = Clock()
     lane = Lane(8, clock=clock)
