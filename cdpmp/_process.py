@@ -170,7 +170,7 @@ class ProcessState:
             return True
         clean = self._hookless.get(pid)
         if clean is None:  # first asked in this child, before it started any thread
-            clean = self._hookless.setdefault(pid, threading.active_count() == 1)
+            clean = self._hookless.setdefault(pid, _threads_known() == 1)
         return clean
 
     def ensure_exit_hook(self) -> None:
@@ -245,6 +245,17 @@ class ProcessState:
             self.draining_all = False
         report_losses([member._ledger for member in members])  # one line per process
         return drained
+
+
+def _threads_known() -> int:
+    """``threading.active_count()`` without its lock: in a child of a hook-less fork
+    that lock may have been held by a parent thread (one starting or exiting, such as
+    an idle sender thread leaving) and is never released there. The two dicts are
+    consistent at the fork, which happened while the forking thread held the GIL."""
+    active, limbo = getattr(threading, "_active", None), getattr(threading, "_limbo", None)
+    if isinstance(active, dict) and isinstance(limbo, dict):
+        return len(active) + len(limbo)
+    return threading.active_count()  # pragma: no cover - another threading module
 
 
 def _os_threads() -> int:

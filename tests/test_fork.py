@@ -84,6 +84,38 @@ def test_child_tracks_and_flushes_while_parent_held_the_queue_lock(
     assert set(counts) == set(parent_ids) | {f"child-{i}" for i in range(10)}
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # 3.12+: fork with threads alive
+def test_a_hookless_child_forked_while_a_thread_held_threadings_own_lock_still_delivers(
+    collector: Collector, make_client: Callable[..., cdpmp.Client]
+) -> None:
+    # threading's lock for its thread tables is taken by every thread that starts or
+    # exits (an idle sender or watch thread leaving): forked from C at that instant, a
+    # child that asked threading.active_count() hung for ever (seen once in a full run).
+    client = make_client(upload_interval=60)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with threading._active_limbo_lock:  # type: ignore[attr-defined]
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(5)
+    pid = _c_fork_without_hooks()
+    if pid == 0:  # child
+        code = 3
+        try:
+            ok = all(client.track("child", "C", message_id=f"c-{i}")[0] for i in range(5))
+            code = 0 if ok and client.flush(timeout=10) else 1
+        finally:
+            os._exit(code)
+    release.set()
+    holder.join(5)
+    assert _wait_child(pid) == 0
+    assert sorted(collector.message_ids()) == [f"c-{i}" for i in range(5)]
+
+
 def test_module_facade_survives_fork(collector: Collector) -> None:
     from cdpmp import analytics
 
