@@ -16,7 +16,7 @@ from typing import Dict, List
 
 import pytest
 
-from cdpmp.testing import Collector, Conditions
+from cdpmp.testing import Collector, Conditions, Outage
 from tests.servers import assert_exactly_once, free_port, load, start_server
 
 pytestmark = pytest.mark.timeout(90)
@@ -173,3 +173,13 @@ def test_django_runserver_in_shared_mode_loses_nothing_to_its_reloader(
     server.stop(signal.SIGTERM)
     assert len(ok) == 300, server.output(5000)
     assert_exactly_once(collector, ok, 3, import_events=0)
+
+
+def test_sigterm_during_an_outage_drains_once_the_endpoint_is_back(collector: Collector) -> None:
+    # 100 ms away and answering 503 for the first 3 s of its life: the SIGTERM comes
+    # during the outage; the drain keeps the events and retries within exit_timeout.
+    collector.set_conditions(Conditions(latency=0.1, outages=(Outage(0.0, 3.0, 503),)))
+    done = _run_until_signalled(_script(collector), {"CDP_EXIT_TIMEOUT": "20"}, [signal.SIGTERM])
+    assert done.returncode == -signal.SIGTERM, done.stderr[-3000:]
+    assert sorted(collector.message_ids()) == sorted(_ids(EVENTS)), done.stderr[-3000:]
+    assert any(r.status == 503 for r in collector.requests)  # the outage was met
