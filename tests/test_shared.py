@@ -334,3 +334,31 @@ def test_definitive_rejection_goes_to_the_dead_letter_file(runtime_dir: str, col
     assert [m["messageId"] for m in lines[0]["batch"]] == [msg["messageId"]]
     assert stat.S_IMODE(os.stat(os.path.join(runtime_dir, "dead-letter.jsonl")).st_mode) == 0o600
     assert client.stats()["host"]["dead_lettered"] == 1
+
+
+def test_the_watch_thread_ends_when_the_ring_stays_empty_and_comes_back_on_demand(
+    runtime_dir: str, collector: Collector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from cdpmp.shared import sink as shared_sink
+
+    monkeypatch.setattr(shared_sink, "WATCH_IDLE_EXIT", 0.5)
+    monkeypatch.setattr(shared_sink, "CHECK_EVERY", 0.1)
+
+    def watching() -> int:
+        return sum(t.name == "cdpmp-watch" for t in threading.enumerate())
+
+    client = _shared(collector)
+    try:
+        client.track("u", "E", message_id="w-1")
+        assert watching() == 1
+        assert client.flush(timeout=10)
+        assert wait_until(lambda: watching() == 0, timeout=10)  # idle: gone
+        time.sleep(0.2)  # past CHECK_EVERY: the next call checks the uploader again
+        client.track("u", "E", message_id="w-2")
+        assert watching() == 1  # back with the next event
+        assert client.flush(timeout=10)
+        assert sorted(collector.message_ids()) == ["w-1", "w-2"]
+    finally:
+        client.shutdown(timeout=5)
