@@ -16,7 +16,7 @@ import sys
 import textwrap
 import threading
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 
@@ -47,6 +47,26 @@ def _c_fork_without_hooks() -> int:
     return int(ctypes.PyDLL(None).fork())
 
 
+def _fork_while_held(lock: Any, fork: Callable[[], int]) -> int:
+    """``fork()`` while another thread of this process holds ``lock``; in the parent,
+    the holder lets go and ends before this returns."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(5)
+    pid = fork()
+    if pid != 0:
+        release.set()
+        holder.join(5)
+    return pid
+
+
 def _no_threads_left_by_earlier_tests() -> None:
     """A fork without hooks copies whatever lock another thread holds at that instant
     (logging's, threading's, the import system's) into a child that can never release
@@ -66,18 +86,7 @@ def test_child_tracks_and_flushes_while_parent_held_the_queue_lock(
     _no_threads_left_by_earlier_tests()
     client = make_client(upload_interval=60)  # the parent's events stay queued
     parent_ids = [client.track("parent", "P", {"i": i})[1]["messageId"] for i in range(20)]
-    held = threading.Event()
-    release = threading.Event()
-
-    def hold_lock() -> None:
-        with client._sink._lock:  # type: ignore[attr-defined]
-            held.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=hold_lock)
-    holder.start()
-    held.wait(5)
-    pid = fork()
+    pid = _fork_while_held(client._sink._lock, fork)  # type: ignore[attr-defined]
     if pid == 0:  # child
         code = 3
         try:
@@ -87,8 +96,6 @@ def test_child_tracks_and_flushes_while_parent_held_the_queue_lock(
                 code = 2
         finally:
             os._exit(code)
-    release.set()
-    holder.join(5)
     assert _wait_child(pid) == 0
     assert client.flush(timeout=10)
     counts = collections.Counter(collector.message_ids())
@@ -105,17 +112,7 @@ def test_a_hookless_child_forked_while_a_thread_held_threadings_own_lock_still_d
     # child that asked threading.active_count() hung for ever (seen once in a full run).
     _no_threads_left_by_earlier_tests()
     client = make_client(upload_interval=60)
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with threading._active_limbo_lock:  # type: ignore[attr-defined]
-            held.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    held.wait(5)
-    pid = _c_fork_without_hooks()
+    pid = _fork_while_held(threading._active_limbo_lock, _c_fork_without_hooks)  # type: ignore[attr-defined]
     if pid == 0:  # child
         code = 3
         try:
@@ -123,8 +120,6 @@ def test_a_hookless_child_forked_while_a_thread_held_threadings_own_lock_still_d
             code = 0 if ok and client.flush(timeout=10) else 1
         finally:
             os._exit(code)
-    release.set()
-    holder.join(5)
     assert _wait_child(pid) == 0
     assert sorted(collector.message_ids()) == [f"c-{i}" for i in range(5)]
 
