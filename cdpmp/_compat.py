@@ -56,3 +56,17 @@ def other_region(settings: Settings) -> Optional[str]:
         if region and other != region.group(2) and settings.endpoint == host:
             return f"{region.group(2).upper()} API key is being sent to the {other.upper()} host {host}"
     return None
+
+
+def key_refused_line(settings: Settings) -> str:
+    """The WARNING said once when the endpoint answers 401 (``%s``: the error): where
+    the key went, and the region guess when one helps. Never the key."""
+    where = settings.endpoint
+    hint = other_region(settings) or ""
+    if not hint and not REGION_KEY.match(settings.write_key):
+        other = {US_ENDPOINT: ("EU", EU_ENDPOINT), EU_ENDPOINT: ("US", US_ENDPOINT)}.get(where)
+        if other:
+            hint = f"a source of a {other[0]} workspace needs endpoint={other[1]}"
+    line = f"cdpmp: the write key was refused by {where} (%s): this source's events are given up until it is fixed"
+    line = line.replace("%", "%%").replace("(%%s)", "(%s)")
+    return line + (f"; {hint}" if hint else "; check the source's write key in Data Pipelines")

@@ -135,3 +135,37 @@ class Lane:
     def finished(self) -> None:
         """A final answer: the endpoint is up; the batch's fate is the caller's."""
         self.in_flight -= 1
+
+
+class RequestRate:
+    """A token bucket: at most ``rate`` requests per second on average, in bursts of
+    at most ``burst`` (default: a tenth of a second's worth, at least one). The
+    shared-mode uploader holds one for all the sources of a host, so that a host stays
+    under its share of the workspace's rate limit (3,000 requests per 3 s, answered
+    with 429 past it) however many sources and workers it serves."""
+
+    def __init__(
+        self, rate: float, burst: Optional[float] = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate
+        self.burst = max(1.0, rate / 10 if burst is None else burst)
+        self._clock = clock
+        self._tokens = self.burst
+        self._at = clock()
+
+    def _refill(self) -> float:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        return self._tokens
+
+    def take(self) -> bool:
+        """Spend one request if the bucket allows it now."""
+        if self._refill() < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+    def wait(self) -> float:
+        """Seconds until the next request is allowed (0: now)."""
+        return max(0.0, (1.0 - self._refill()) / self.rate)

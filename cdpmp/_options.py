@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 import os
 import re
 import typing
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+from ._validate import check_value, from_env
 from .errors import ConfigurationError, InvalidArgumentType, MissingWriteKey, UnknownOption
 
 US_ENDPOINT = "https://cdp.customer.io"
@@ -151,6 +151,13 @@ class Settings:
         10.0, env="CDP_EXIT_TIMEOUT", doc="seconds the exit drain may take", minimum=0.0
     )
     mode: str = option("direct", env="CDP_MODE", doc="`direct` or `shared`")
+    strict_mode: bool = option(
+        True,
+        env="CDP_STRICT_MODE",
+        doc="send `X-Strict-Mode: 1`: the API answers 400/401 for what it refuses instead of "
+        "200 and dropping it unseen (docs/values.md)",
+        source=True,
+    )
 
     @property
     def bearer(self) -> bool:
@@ -181,6 +188,13 @@ class HostSettings:
     )
     uploader_drain_timeout: float = option(
         20.0, env="CDP_UPLOADER_DRAIN_TIMEOUT", doc="seconds the uploader drains after SIGTERM", minimum=0.0
+    )
+    uploader_max_rate: float = option(
+        250.0,
+        env="CDP_UPLOADER_MAX_RATE",
+        doc="requests per second the uploader sends at most, all sources together (the API allows a "
+        "workspace 1,000 on average: a fleet of N hosts sets at most 800/N)",
+        minimum=0.1,
     )
     uploader_idle_exit: float = option(
         60.0,
@@ -250,61 +264,6 @@ def collect(args: Tuple[Any, ...], kwargs: Mapping[str, Any], caller: str = "Cli
 # -- validation ----------------------------------------------------------------------------
 
 
-def _as_bool(name: str, raw: str) -> bool:
-    lowered = raw.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise ConfigurationError(name, f"expected a boolean, got {raw!r}")
-
-
-def _from_env(f: dataclasses.Field[Any], kind: Any, raw: str) -> Any:
-    env = f.metadata["env"]
-    if kind is bool:
-        return _as_bool(env, raw)
-    if kind in (int, float):
-        try:
-            return kind(raw.strip())
-        except ValueError:
-            raise ConfigurationError(
-                f.name, f"{env}={raw!r} is not {'an integer' if kind is int else 'a number'}"
-            ) from None
-    return raw
-
-
-def _check(f: dataclasses.Field[Any], kind: Any, value: Any) -> Any:
-    name = f.name
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise InvalidArgumentType(name, "a bool", value)
-        return value
-    if kind in (int, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise InvalidArgumentType(name, "a number", value)
-        if kind is int and not isinstance(value, int):
-            raise InvalidArgumentType(name, "an int", value)
-        minimum = f.metadata["minimum"]
-        if not math.isfinite(value) or (minimum is not None and value < minimum):
-            raise ConfigurationError(name, f"must be a finite number >= {minimum}, got {value!r}")
-        return kind(value)
-    if kind is str:
-        if not isinstance(value, str):
-            raise InvalidArgumentType(name, "a str", value)
-        return value
-    if name == "on_error":
-        if not value:  # the official client treats any falsy value as "no callback"
-            return None
-        if not callable(value):
-            raise InvalidArgumentType(name, "a callable", value)
-        return value
-    if name == "proxies":
-        if not isinstance(value, dict):
-            raise InvalidArgumentType(name, "a dict", value)
-        return dict(value)
-    raise AssertionError(f"no validation rule for option {name}")  # pragma: no cover
-
-
 def _value(
     f: dataclasses.Field[Any], hints: Mapping[str, Any], given: Mapping[str, Any], env: Mapping[str, str]
 ) -> Any:
@@ -314,12 +273,12 @@ def _value(
         kind = args[0]  # Optional[number]: None is "not given", i.e. the default
     value = given.get(f.name)
     if value is not None:
-        return _check(f, kind, value)
+        return check_value(f, kind, value)
     raw = env.get(f.metadata["env"]) if f.metadata["env"] else None
     if raw in (None, ""):
         return f.default
     try:
-        return _check(f, kind, _from_env(f, kind, raw))
+        return check_value(f, kind, from_env(f, kind, raw))
     except (InvalidArgumentType, ConfigurationError) as exc:
         # Name the variable: the user never passed this value as an argument.
         raise ConfigurationError(f.name, f"from {f.metadata['env']}: {exc}") from None

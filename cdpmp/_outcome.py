@@ -183,8 +183,11 @@ Batch = List[Union[bytes, Dict[str, Any]]]
 class Ledger:
     """One client's counters, and the only path by which an event is given up."""
 
-    def __init__(self, on_error: Optional[OnError]) -> None:
+    def __init__(self, on_error: Optional[OnError], key_refused: str = "") -> None:
         self.on_error = on_error
+        #: The line said once when the endpoint refuses the write key (a 401): what was
+        #: sent where, and what to check (never the key itself).
+        self.key_refused = key_refused or "cdpmp: the write key was refused (%s); check the key"
         self.log = RateLimitedLog()
         self.reset()
 
@@ -197,9 +200,13 @@ class Ledger:
         self.requests = 0
         self.retries = 0
         self.dropped: Dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
+        #: Events given up after they were accepted (what ``flush()`` answers for).
+        self.given_up = 0
         self.inherited_discarded = 0
         self.last_error: Optional[str] = None
         self._reported = 0  # losses already summed up by report_losses()
+        self._key_refusal_said = False
+        self._answered = 0  # given_up when flush() last answered (:meth:`given_up_since`)
 
     def report_losses(self) -> None:
         """One WARNING for this client if its losses grew since the last report (an
@@ -214,6 +221,28 @@ class Ledger:
                 return False
             self._reported = total
             return True
+
+    def given_up_since(self) -> int:
+        """Events given up after being accepted since the previous call (what
+        ``flush()`` answers for: each call starts a new window)."""
+        with self.lock:
+            n, self._answered = self.given_up - self._answered, self.given_up
+        return n
+
+    def answer(self, call: str, drained: bool) -> bool:
+        """``flush()``'s and ``shutdown()``'s result: ``drained`` and nothing given up
+        since the previous answer; one line (rate-limited) says why not."""
+        lost = self.given_up_since()
+        if lost:
+            self.log.warning(
+                "answer",
+                "cdpmp: %s() returns False: %d event(s) accepted before it were given up",
+                call,
+                lost,
+            )
+        elif not drained:
+            self.log.warning("answer", "cdpmp: %s() returns False: events still queued at its deadline", call)
+        return drained and not lost
 
     def delivered(self, count: int) -> None:
         with self.lock:
@@ -231,15 +260,25 @@ class Ledger:
         batch: Batch,
         reason: Optional[DropReason] = None,
         events: Optional[int] = None,
+        told: bool = False,
     ) -> None:
         """Count, log and report events given up. ``batch`` holds messages, as dicts
         or as their serialised bytes (decoded only if ``on_error`` wants them);
-        ``events``: how many were given up when not all of them are in ``batch``."""
+        ``events``: how many were given up when not all of them are in ``batch``;
+        ``told``: the call was answered ``(False, msg)`` (not owed by ``flush()``)."""
         why = loss_reason(error) if reason is None else reason
         n = len(batch) if events is None else events
         with self.lock:
             self.dropped[why] += n
+            if not told:  # the call itself answered (False, msg): flush() owes nothing for it
+                self.given_up += n
             self.last_error = str(error)
+            said, self._key_refusal_said = (
+                self._key_refusal_said,
+                self._key_refusal_said or _key_refused(error),
+            )
+        if not said and self._key_refusal_said:
+            logger.warning(self.key_refused, error)
         self.log.warning(why, "cdpmp: %d event(s) given up (%s): %s; see stats()['dropped']", n, why, error)
         if not self.on_error:
             return
@@ -268,6 +307,10 @@ class Ledger:
                 last_error=self.last_error,
                 host=host,
             )
+
+
+def _key_refused(error: DeliveryError) -> bool:
+    return isinstance(error, APIError) and error.status == 401
 
 
 def report_losses(ledgers: List[Ledger], line: str = "process %d gave up %d event(s) in total (%s)") -> None:

@@ -25,6 +25,7 @@ import dataclasses
 # "LookupError: unknown encoding: idna", which CI caught. requests imports it the same way.
 import encodings.idna  # noqa: F401
 import gzip as _gzip
+import http
 import logging
 import os
 import time
@@ -62,6 +63,8 @@ USER_AGENT = f"{LIBRARY_NAME}/{__version__} (python)"
 MAX_CONNECTIONS = 16
 #: Bytes of a response body read at most (the API answers a few dozen).
 MAX_RESPONSE_BYTES = 64 * 1024
+#: Asks the API for its errors (400/401 with ``meta.errors``) instead of a 200 that drops.
+STRICT_HEADER = "X-Strict-Mode"
 
 
 def encode_body(messages: List[bytes]) -> bytes:
@@ -117,6 +120,10 @@ class Transport:
         self._headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT, "Authorization": auth}
         if settings.gzip:
             self._headers["Content-Encoding"] = "gzip"
+        if settings.strict_mode:
+            # Without it the API answers 200 to what it refuses (a wrong key, a bad
+            # message) and drops it: nothing could be counted or reported.
+            self._headers[STRICT_HEADER] = "1"
         self._proxy = _proxy_for(settings)
         self._pid = -1
         self._local_pool: Optional[urllib3.PoolManager] = None
@@ -282,19 +289,46 @@ def _ca_bundle() -> Optional[str]:
 
 
 def _api_error(response: _Response, final: bool) -> APIError:
-    """Build an APIError from any body: JSON with or without ``code``, or text."""
-    code, message = "unknown", ""
+    """Build an APIError from any body: the API's ``{"meta": {"errors": [...]}}`` (its
+    strict mode), JSON with ``code``/``message``, or text. The code is the body's
+    ``code`` or else the status's name ("Unauthorized")."""
+    status = response.status_code
+    try:
+        code = http.HTTPStatus(status).phrase
+    except ValueError:
+        code = "unknown"
     try:
         payload = orjson.loads(response.content)
     except orjson.JSONDecodeError:
-        message = response.content[:500].decode("utf-8", "replace")
+        return APIError(status, code, response.content[:500].decode("utf-8", "replace"), final=final)
+    if not isinstance(payload, dict):
+        return APIError(status, code, str(payload)[:500], final=final)
+    errors = meta_errors(payload)
+    if errors:
+        message = "; ".join(errors)
     else:
-        if isinstance(payload, dict):
-            code = str(payload.get("code", code))
-            message = str(payload.get("message", payload.get("error", "")))[:500]
+        message = str(payload.get("message", payload.get("error", "")))
+    return APIError(status, str(payload.get("code", code)), message[:500], final=final)
+
+
+def meta_errors(payload: Mapping[str, Any]) -> List[str]:
+    """The texts of ``meta.errors`` in an API answer (strings, or objects with a
+    ``message`` and perhaps a ``field``); empty when there are none."""
+    meta = payload.get("meta")
+    errors = meta.get("errors") if isinstance(meta, dict) else None
+    if not isinstance(errors, list):
+        return []
+    texts = []
+    for item in errors[:20]:
+        if isinstance(item, dict):
+            text = str(
+                item.get("message") or item.get("error") or item.get("detail") or orjson.dumps(item).decode()
+            )
+            field = item.get("field") or item.get("path")
+            texts.append(f"{field}: {text}" if field else text)
         else:
-            message = str(payload)[:500]
-    return APIError(response.status_code, code, message, final=final)
+            texts.append(str(item))
+    return texts
 
 
 T = TypeVar("T")

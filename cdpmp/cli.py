@@ -7,16 +7,13 @@ Write keys are read from ``--write-key-file`` or ``CDP_WRITE_KEY`` by preference
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import decimal
 import json
 import os
 import sys
 import threading
 import time
 import urllib.parse
-import uuid
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 from . import __version__
 from ._options import ENV
@@ -36,168 +33,12 @@ def _read_key(args: argparse.Namespace) -> Optional[str]:
     return args.write_key or os.environ.get(ENV["write_key"])
 
 
-def _demo_events(analytics: Any, worker: int, count: int) -> List[str]:
-    """``count`` calls of a realistic mix; the messageIds of those accepted."""
-    accepted: List[str] = []
-    user = f"user-{worker}"
-    calls: List[Callable[[], Tuple[bool, Dict[str, Any]]]] = [
-        lambda: analytics.identify(
-            user,
-            {"email": f"{user}@example.com", "plan": "pro", "created_at": _dt.datetime(2024, 5, 1, 12, 0)},
-        ),
-        lambda: analytics.group(user, "acme", {"name": "Acme", "object_type_id": "1"}),
-        lambda: analytics.page(user, "Docs", "Quick start", {"path": "/docs"}),
-        lambda: analytics.screen(user, "App", "Settings"),
-        lambda: analytics.alias(f"anon-{worker}", user),
-    ]
-    for call in calls[:count]:
-        success, msg = call()
-        if success:
-            accepted.append(msg["messageId"])
-    for i in range(max(0, count - len(calls))):
-        success, msg = analytics.track(
-            user_id=user,
-            event="Order Completed",
-            properties={
-                "order": i,
-                "total": decimal.Decimal("19.99"),
-                "sku": uuid.uuid4(),
-                "tags": {"demo"},
-                "at": _dt.date.today(),
-            },
-        )
-        if success:
-            accepted.append(msg["messageId"])
-    return accepted
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    import collections
-    import tempfile
-
-    from . import analytics
-    from .testing import Collector
+    from ._demo import run_demo
 
     if args.workers < 0 or args.events < 0:
         raise UserError("--workers and --events must be 0 or more")
-    with Collector(write_key="demo-key") as collector, tempfile.TemporaryDirectory() as scratch:
-        # Module settings are derived from the options table, so set them by name.
-        for name, value in (("write_key", collector.write_key), ("endpoint", collector.url)):
-            setattr(analytics, name, value)
-        if args.mode:
-            os.environ[ENV["mode"]] = args.mode
-        print(
-            f"cdpmp {__version__} demo: collector on {collector.url}, mode={args.mode or 'direct'}: "
-            f"1 event from the master, then {args.workers or 1} process(es) x {args.events} events"
-        )
-        # The master tracks before forking, as a --preload app would.
-        ok, msg = analytics.track(user_id="master", event="Server Started")
-        accepted = [msg["messageId"]] if ok else []
-        oversize = analytics.track(user_id="master", event="Too Big", properties={"blob": "x" * 40000})
-        print(
-            f"  oversize message: accepted={oversize[0]} (rejected on purpose, counted, never raised; "
-            "the cdpmp WARNING lines about 1 oversize event are about it, and expected)"
-        )
-        failed = 0
-        if args.workers:
-            ids, failed = _fork_workers(analytics, args.workers, args.events, scratch)
-            accepted += ids
-        else:
-            accepted += _demo_events(analytics, 0, args.events)
-        drained = analytics.flush(timeout=30)
-        collector.wait_for(len(accepted), timeout=30)
-        summary = collector.summary()
-        received = collections.Counter(collector.message_ids())
-        stats = analytics.stats()
-    print(f"  accepted by track()/identify()/...: {len(accepted)}")
-    print(
-        f"  collector received: {summary['messages']} messages ({summary['unique']} unique, "
-        f"{summary['duplicates']} duplicates) in {summary['requests']} requests {summary['statuses']}"
-    )
-    print(f"  by type: {summary['types']}")
-    host = stats["host"]
-    if host is not None:
-        print(
-            f"  host (shared ring): accepted={host['accepted']} sent={host['sent']} "
-            f"batches={host['batches']} requests={host['requests']} queue_full={host['queue_full']} "
-            f"uploader pid={host['uploader_pid']}"
-        )
-        _stop_demo_uploader()
-    else:
-        print(f"  this process: sent={stats['sent']} batches={stats['batches']} dropped={stats['dropped']}")
-    return _verdict(accepted, received, failed, drained)
-
-
-def _verdict(accepted: List[str], received: Dict[str, int], failed: int, drained: bool) -> int:
-    """Compare what track() accepted with what arrived, by messageId."""
-    missing = set(accepted) - set(received)
-    extra = set(received) - set(accepted)
-    duplicated = [m for m, n in received.items() if n > 1]
-    problems = [
-        f"{n} {what}"
-        for n, what in (
-            (failed, "worker process(es) failed"),
-            (len(missing), "accepted event(s) never arrived"),
-            (len(duplicated), "event(s) arrived more than once"),
-            (len(extra), "unexpected event(s) arrived"),
-            (0 if drained else 1, "flush did not finish"),
-        )
-        if n
-    ]
-    if problems:
-        print("  result: FAILED: " + "; ".join(problems), file=sys.stderr)
-        return 1
-    print(f"  result: all {len(accepted)} accepted events arrived exactly once")
-    return 0
-
-
-def _stop_demo_uploader() -> None:
-    from .shared import lifecycle
-
-    ring, _ = lifecycle.host_ring()
-    try:
-        lifecycle.stop(ring, timeout=25)
-    finally:
-        ring.close()
-
-
-def _fork_workers(analytics: Any, workers: int, events: int, scratch: str) -> Tuple[List[str], int]:
-    """Fork ``workers`` processes that each track ``events``: (the messageIds they
-    accepted, how many workers failed). Each child writes its ids to a file."""
-    pids: List[int] = []
-    for worker in range(1, workers + 1):
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child
-            code = 1
-            try:
-                ids = _demo_events(analytics, worker, events)
-                with open(os.path.join(scratch, f"{worker}.ids"), "w", encoding="utf-8") as out:
-                    out.write("\n".join(ids))
-                code = 0 if analytics.shutdown(timeout=20) else 1
-            finally:
-                os._exit(code)
-        pids.append(pid)
-    deadline = time.monotonic() + 60
-    failures = 0
-    for pid in pids:
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                failures += os.waitstatus_to_exitcode(status) != 0
-                break
-            if time.monotonic() > deadline:
-                os.kill(pid, 9)
-                failures += 1
-                break
-            time.sleep(0.05)
-    accepted: List[str] = []
-    for worker in range(1, workers + 1):
-        path = os.path.join(scratch, f"{worker}.ids")
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as fh:
-                accepted += [line for line in fh.read().split("\n") if line]
-    print(f"  {workers} forked workers finished ({failures} failed)")
-    return accepted, failures
+    return run_demo(args.workers, args.events, args.mode)
 
 
 def cmd_collector(args: argparse.Namespace) -> int:
@@ -211,6 +52,8 @@ def cmd_collector(args: argparse.Namespace) -> int:
 
     given = _read_key(args)
     key = given or "test-write-key"
+    if args.rate_limit < 0:
+        raise UserError("--rate-limit must be 0 (none) or more")
     try:
         conditions = Conditions(
             latency=args.latency,
@@ -222,7 +65,14 @@ def cmd_collector(args: argparse.Namespace) -> int:
         print(f"cdpmp collector: {exc}", file=sys.stderr)
         return 2
     try:
-        collector = Collector(write_key=key, port=args.port, on_message=show, conditions=conditions)
+        collector = Collector(
+            write_key=key,
+            port=args.port,
+            on_message=show,
+            conditions=conditions,
+            strict_mode=args.answers,
+            rate_limit=None if args.rate_limit == 0 else (args.rate_limit, 3.0),
+        )
     except (OSError, OverflowError) as exc:  # busy, privileged or out of range
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise UserError(f"cannot listen on 127.0.0.1:{args.port}: {reason}") from None
@@ -243,6 +93,8 @@ def cmd_collector(args: argparse.Namespace) -> int:
             )
         if conditions != Conditions():
             print(f"network conditions: {conditions}", flush=True)
+        modes = {None: "as the API: strict when a request sends X-Strict-Mode: 1, else permissive"}
+        print(f"answers {modes.get(args.answers, 'strict' if args.answers else 'permissive')}", flush=True)
         try:
             while True:
                 time.sleep(1)
@@ -340,7 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--mode", choices=["direct", "shared"], default=None, help="delivery mode")
     demo.set_defaults(func=cmd_demo)
 
-    col = sub.add_parser("collector", help="run the strict local collector and print each message")
+    col = sub.add_parser(
+        "collector", help="run the local collector (answers as the API) and print each message"
+    )
     col.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: ephemeral)")
     col.add_argument("--write-key", help="key the collector accepts (prefer CDP_WRITE_KEY)")
     col.add_argument("--write-key-file", help="file holding the key")
@@ -355,6 +209,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     col.add_argument(
         "--fault-rate", type=float, default=0.0, help="probability a request is answered 503 (0..1)"
+    )
+    answers = col.add_mutually_exclusive_group()
+    answers.add_argument(
+        "--strict",
+        dest="answers",
+        action="store_const",
+        const=True,
+        default=None,
+        help="always answer what the API refuses with 400/401 (default: only when asked, as the API)",
+    )
+    answers.add_argument(
+        "--permissive",
+        dest="answers",
+        action="store_const",
+        const=False,
+        help="always answer 200 and drop what the API refuses (the API without X-Strict-Mode)",
+    )
+    col.add_argument(
+        "--rate-limit",
+        type=int,
+        default=3000,
+        metavar="N",
+        help="requests per 3 s before answering 429, as the API (0: none)",
     )
     col.set_defaults(func=cmd_collector)
 

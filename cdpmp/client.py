@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List, Optional, Tuple
 
-from ._compat import ConsumerView, QueueView, other_region
+from ._compat import ConsumerView, QueueView, key_refused_line, other_region
 from ._direct import DirectSink
 from ._message import (
     MAX_MESSAGE_BYTES,
@@ -77,7 +77,7 @@ class Client:
         mismatch = other_region(self.settings)
         if mismatch:
             logger.warning("cdpmp: %s", mismatch)
-        self._ledger = Ledger(self.settings.on_error)
+        self._ledger = Ledger(self.settings.on_error, key_refused_line(self.settings))
         self._sink: Sink = self._make_sink()
         PROCESS.register(self)
 
@@ -317,30 +317,39 @@ class Client:
         refusal = self._sink.put(data)
         if refusal is None:
             return True, msg
-        self._ledger.lost(refusal, [msg])
+        self._ledger.lost(refusal, [msg], told=True)
         return False, msg
 
     def _reject(self, msg: Dict[str, Any], reason: DropReason, detail: str) -> Result:
-        self._ledger.lost(MessageRejected(reason, detail), [msg])
+        self._ledger.lost(MessageRejected(reason, detail), [msg], told=True)
         return False, msg
 
     # -- lifecycle -----------------------------------------------------------------
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Send everything queued; wait at most ``timeout`` seconds (default 30).
-        Returns True when the queue drained."""
-        return self._sink.flush(DEFAULT_FLUSH_TIMEOUT if timeout is None else timeout)
+
+        True only when every event accepted before the call was delivered: nothing of
+        this client is left queued (shared mode: of its source on the host; another
+        source's backlog is not waited for) and nothing was given up since the previous
+        ``flush()``/``shutdown()`` answered. Otherwise False, with one WARNING line
+        (rate-limited) and the reason in ``stats()`` (``dropped``, ``last_error``,
+        ``depth``); what is still queued stays queued."""
+        return self._ledger.answer(
+            "flush", self._sink.flush(DEFAULT_FLUSH_TIMEOUT if timeout is None else timeout)
+        )
 
     def shutdown(self, timeout: Optional[float] = None) -> bool:
         """Flush within ``timeout`` seconds, then stop the consumer. What is still
         queued at the deadline is counted as ``dropped['shutdown']`` and reported to
-        ``on_error``. A later call restarts the consumer. Returns True if drained.
+        ``on_error``. A later call restarts the consumer. Returns as :meth:`flush` does.
         Every loss since the last shutdown is summed up in one WARNING line (the
         per-reason warnings at the time are rate-limited)."""
         drained = self._sink.shutdown(DEFAULT_FLUSH_TIMEOUT if timeout is None else timeout)
         if not PROCESS.draining_all:  # at exit, one line for the whole process
             self._ledger.report_losses()
-        return drained
+            return self._ledger.answer("shutdown", drained)
+        return drained and not self._ledger.given_up_since()
 
     async def aflush(self, timeout: Optional[float] = None) -> bool:
         """:meth:`flush`, awaitable from ``async`` code: the wait runs on the loop's

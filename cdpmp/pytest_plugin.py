@@ -18,7 +18,19 @@ from .testing import Collector
 
 
 @pytest.fixture
-def cdp_collector() -> Iterator[Collector]:
-    """A started strict collector on 127.0.0.1, stopped after the test."""
+def cdp_collector(request: pytest.FixtureRequest) -> Iterator[Collector]:
+    """A started local collector on 127.0.0.1 (answers as the API: strict when asked),
+    stopped after the test. Its summary (delivered, dropped and why, refused) is added
+    to the test's report: pytest shows it with a failure, or with ``-rA``."""
     with Collector() as collector:
         yield collector
+        request.node.add_report_section("teardown", "cdp_collector", _report(collector))
+
+
+def _report(collector: Collector) -> str:
+    summary = collector.summary()
+    lines = [
+        f"{name}: {summary[name]}" for name in ("delivered", "unique", "duplicates", "refused", "dropped")
+    ]
+    lines += [f"  dropped because {why}: {n}" for why, n in summary["dropped_reasons"].items()]
+    return "\n".join(lines)

@@ -1,14 +1,20 @@
-"""The strict local collector: a real ``/v1/batch`` endpoint on 127.0.0.1 for tests.
+"""The local collector: a real ``/v1/batch`` endpoint on 127.0.0.1 that answers as
+Customer.io's Pipelines API does, for tests.
 
-It checks what the real service checks (auth scheme and key, gzip, the 32 KiB message
-and 500 KB request limits, the message schema), records every request and every
-accepted message, counts duplicates by ``messageId``, and can be scripted with faults
+It answers as the API's reference says (:mod:`cdpmp._api`): *permissive* by default
+(``200`` to everything it reads; what would not go through is recorded in
+:attr:`Collector.dropped` with why, never as delivered), *strict* when a request carries
+``X-Strict-Mode: 1`` (400/401 with ``{"meta": {"errors": [...]}}``); the 32 KB message
+and 500 KB request limits, the message schema, auth scheme and key, gzip, and the
+workspace rate limit (3,000 requests per 3 s by default; 429 over it). ``refuse`` lets
+a test say which messages the API refuses. It records every request and every
+delivered message, counts duplicates by ``messageId``, and can be scripted with faults
 (status sequences, ``Retry-After``, delays, dropped connections). It also plays the
 network a real region is behind (:class:`Conditions`): a response latency with jitter,
 outages scripted over time (a window answering a status, or dropping connections) and
 a per-request fault rate. cdpmp's own tests and benchmarks use it; users get it
 through the ``cdp_collector`` pytest fixture and as ``cdpmp collector`` on the command
-line (``--latency``, ``--jitter``, ``--outage``, ``--fault-rate``).
+line (``--latency``, ``--jitter``, ``--outage``, ``--fault-rate``, ``--strict``).
 
 Example::
 
@@ -16,34 +22,27 @@ Example::
         client = Client("test", endpoint=collector.url)
         client.track(user_id="u1", event="Signed Up")
         client.flush()
-        assert collector.wait_for(1)
+        assert collector.wait_for(1) and not collector.dropped
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import gzip
 import random
-import socket
 import ssl
-import sys
 import threading
 import time
-import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
-import orjson
-
+from ._api import RATE_LIMIT, Dropped, Refuse, Rules, Verdict
 from ._conditions import Conditions, Outage
+from ._handler import Fault, QuietServer, RequestRecord, make_handler
 from ._schema import (
     MAX_MESSAGE_BYTES,
     MAX_REQUEST_BYTES,
     SchemaError,
-    check_time,
     expected_authorization,
-    require,
     validate_message,
 )
 
@@ -52,6 +51,7 @@ __all__ = [
     "MAX_REQUEST_BYTES",
     "Collector",
     "Conditions",
+    "Dropped",
     "Fault",
     "Outage",
     "RequestRecord",
@@ -61,38 +61,9 @@ __all__ = [
 ]
 
 
-@dataclasses.dataclass(frozen=True)
-class Fault:
-    """One scripted answer. ``status`` None means "process normally".
-
-    ``accept`` records the batch as delivered even though an error (or nothing, with
-    ``drop_connection``/``delay``) is answered: the "processed, response lost" case that
-    makes a correct client resend, so the test can count the duplicates.
-    """
-
-    status: Optional[int] = None
-    retry_after: Optional[str] = None
-    delay: float = 0.0
-    drop_connection: bool = False
-    accept: bool = False
-    body: Optional[bytes] = None
-
-
-@dataclasses.dataclass(frozen=True)
-class RequestRecord:
-    status: int  # 0 when the connection was dropped
-    auth_scheme: str
-    user_agent: str
-    content_encoding: str
-    body_bytes: int
-    messages: int
-    error: str = ""
-    via_proxy: bool = False
-    peer: str = ""  # the client's "host:port": one value per connection it used
-
-
 class Collector:
-    """A strict ``POST /v1/batch`` server on 127.0.0.1 (ephemeral port by default)."""
+    """A ``POST /v1/batch`` server on 127.0.0.1 (ephemeral port by default) that
+    answers as the API does (see the module docstring)."""
 
     def __init__(
         self,
@@ -102,25 +73,37 @@ class Collector:
         strict: bool = True,
         conditions: Optional[Conditions] = None,
         tls: Optional[ssl.SSLContext] = None,
+        *,
+        strict_mode: Optional[bool] = None,
+        refuse: Optional[Refuse] = None,
+        rate_limit: Optional[Tuple[int, float]] = RATE_LIMIT,
     ) -> None:
         """``strict=False`` skips the per-message schema and size checks (auth, gzip, the
         request limit and JSON are still checked): for benchmarks, where the collector
         shares the CPU with the clients it measures while a real endpoint would not.
         ``tls``: a server-side context; the collector then speaks HTTPS (as the real
-        endpoint does), the handshake made in each connection's own thread."""
+        endpoint does), the handshake made in each connection's own thread.
+        ``strict_mode``: None answers as the API (strict only when a request asks);
+        True/False answer so whatever it asks. ``refuse(message)``: the reason the API
+        refuses a message, or None. ``rate_limit``: (requests, seconds) per workspace,
+        None for none."""
         self.write_key = write_key
         self.strict = strict
-        self._authorization = expected_authorization(write_key)
+        self.rules = Rules(write_key, strict_mode, strict, refuse, rate_limit)
         self._on_message = on_message
         self._cond = threading.Condition()
         self._faults: Deque[Fault] = collections.deque()
         self.messages: List[Dict[str, Any]] = []
         self.requests: List[RequestRecord] = []
+        #: Messages answered 200 that did not go through (permissive mode), with why.
+        self.dropped: List[Dropped] = []
+        #: Messages of requests refused with a 4xx (strict mode): their client was told.
+        self.refused = 0
         self._counts: Dict[str, int] = collections.Counter()
         self._active = 0
         #: Most requests ever being answered at the same time (a client's concurrency).
         self.peak_concurrency = 0
-        self._server = _QuietServer(("127.0.0.1", port), _make_handler(self))
+        self._server = QuietServer(("127.0.0.1", port), make_handler(self))
         self._server.daemon_threads = True
         self.scheme = "http"
         if tls is not None:
@@ -130,6 +113,10 @@ class Collector:
             )
         self._thread: Optional[threading.Thread] = None
         self.set_conditions(conditions or Conditions())
+
+    def __repr__(self) -> str:  # shown in a failed assertion: what arrived, what did not
+        with self._cond:
+            return f"<Collector {self.url} delivered={len(self.messages)} dropped={len(self.dropped)}>"
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -226,11 +213,23 @@ class Collector:
         with self._cond:
             return {mid: n for mid, n in self._counts.items() if n > 1}
 
+    def dropped_ids(self) -> List[Optional[str]]:
+        """The messageIds answered 200 that did not go through (permissive mode)."""
+        with self._cond:
+            return [d.message_id for d in self.dropped]
+
     def summary(self) -> Dict[str, Any]:
+        """Counts: ``delivered`` went through (``unique`` by messageId); ``dropped``
+        were answered 200 and did not (``dropped_reasons``: why); ``refused`` were in
+        requests answered 4xx (the client was told)."""
         with self._cond:
             statuses = collections.Counter(r.status for r in self.requests)
             return {
                 "messages": len(self.messages),
+                "delivered": len(self.messages),
+                "dropped": len(self.dropped),
+                "dropped_reasons": dict(collections.Counter(d.reason for d in self.dropped)),
+                "refused": self.refused,
                 "unique": len(self._counts),
                 "duplicates": sum(n - 1 for n in self._counts.values()),
                 "requests": len(self.requests),
@@ -243,15 +242,26 @@ class Collector:
         with self._cond:
             self.messages.clear()
             self.requests.clear()
+            self.dropped.clear()
+            self.refused = 0
             self._counts.clear()
             self._faults.clear()
             self.peak_concurrency = 0
 
     # -- request handling --------------------------------------------------------------
 
-    def _record(self, record: RequestRecord, batch: Optional[List[Dict[str, Any]]]) -> None:
+    def _record(
+        self, record: RequestRecord, batch: Optional[List[Dict[str, Any]]], verdict: Optional[Verdict] = None
+    ) -> None:
+        """One request; ``batch``: what it delivered; ``verdict``: what the API made of
+        it (its dropped and refused messages count only when ``batch`` is not None or
+        the request was refused)."""
         with self._cond:
             self.requests.append(record)
+            if verdict is not None:
+                self.refused += verdict.refused
+                if batch is not None:
+                    self.dropped.extend(verdict.dropped)
             if batch:
                 self.messages.extend(batch)
                 for msg in batch:
@@ -260,141 +270,3 @@ class Collector:
         if batch and self._on_message is not None:
             for msg in batch:
                 self._on_message(msg)
-
-    def _check(self, headers: Any, raw: bytes) -> List[Dict[str, Any]]:
-        """Return the batch or raise ``_Reject`` with the status to answer."""
-        if headers.get("Authorization") != self._authorization:
-            raise _Reject(401, "unauthorized", "bad or missing credentials")
-        if headers.get("Content-Type", "").split(";")[0].strip() != "application/json":
-            raise _Reject(415, "unsupported", "Content-Type must be application/json")
-        body = raw
-        if headers.get("Content-Encoding") == "gzip":
-            try:
-                body = gzip.decompress(raw)
-            except (OSError, EOFError):
-                raise _Reject(400, "invalid_gzip", "body is not valid gzip") from None
-        if len(body) > MAX_REQUEST_BYTES:
-            raise _Reject(413, "too_large", f"request body {len(body)} > {MAX_REQUEST_BYTES}")
-        try:
-            payload = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise _Reject(400, "invalid_json", "body is not JSON") from None
-        try:
-            require(isinstance(payload, dict), "body is not an object")
-            batch = payload.get("batch")
-            require(isinstance(batch, list) and bool(batch), "batch must be a non-empty array")
-            if not self.strict:
-                return batch  # type: ignore[no-any-return]
-            check_time(payload.get("sentAt"), "sentAt")
-            for msg in batch:
-                validate_message(msg)
-                size = len(orjson.dumps(msg))
-                if size > MAX_MESSAGE_BYTES:
-                    raise _Reject(413, "message_too_large", f"message of {size} bytes")
-        except SchemaError as exc:
-            raise _Reject(400, "invalid", str(exc)) from None
-        return batch  # type: ignore[no-any-return]
-
-
-class _QuietServer(ThreadingHTTPServer):
-    """Clients that time out and hang up are part of the tests, not errors."""
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError, ssl.SSLError)):
-            super().handle_error(request, client_address)
-
-
-class _Reject(Exception):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
-def _make_handler(collector: Collector) -> type:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        # Headers and body go out in separate writes; without TCP_NODELAY, Nagle plus
-        # the client's delayed ACK adds ~40 ms to every keep-alive request.
-        disable_nagle_algorithm = True
-        server_version = "cdpmp-collector"
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            pass  # quiet: the collector's records are the log
-
-        def _answer(self, status: int, body: bytes, retry_after: Optional[str] = None) -> None:
-            self._ended()  # before the answer: a client may send its next request once it has it
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            if retry_after is not None:
-                self.send_header("Retry-After", retry_after)
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_POST(self) -> None:
-            with collector._cond:
-                collector._active += 1
-                collector.peak_concurrency = max(collector.peak_concurrency, collector._active)
-            self._active = True
-            try:
-                self._post()
-            finally:
-                self._ended()
-
-        def _ended(self) -> None:  # this request no longer counts in ``peak_concurrency``
-            if getattr(self, "_active", False):
-                self._active = False
-                with collector._cond:
-                    collector._active -= 1
-
-        def _post(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length)
-            # Absolute-form targets ("POST http://host/v1/batch") arrive when a client
-            # uses the collector as its HTTP proxy; the tests use that to prove proxies work.
-            if urllib.parse.urlsplit(self.path).path != "/v1/batch":
-                self._answer(404, b'{"code":"not_found","message":"no such path"}')
-                return
-            fault = collector._network_fault()
-            auth = (self.headers.get("Authorization") or "").split(" ")[0]
-            record: Dict[str, Any] = {
-                "via_proxy": self.path.startswith("http"),
-                "auth_scheme": auth,
-                "user_agent": self.headers.get("User-Agent", ""),
-                "content_encoding": self.headers.get("Content-Encoding", ""),
-                "body_bytes": len(raw),
-                "peer": f"{self.client_address[0]}:{self.client_address[1]}",
-            }
-            try:
-                batch = collector._check(self.headers, raw)
-            except _Reject as rej:
-                collector._record(
-                    RequestRecord(status=rej.status, messages=0, error=rej.message, **record), None
-                )
-                if fault.delay:
-                    time.sleep(fault.delay)
-                self._answer(rej.status, orjson.dumps({"code": rej.code, "message": rej.message}))
-                return
-            status = 200 if fault.status is None else fault.status
-            accepted = fault.status is None or fault.accept or 200 <= status < 300
-            if fault.drop_connection:
-                if fault.delay:
-                    time.sleep(fault.delay)
-                collector._record(
-                    RequestRecord(status=0, messages=len(batch), **record), batch if fault.accept else None
-                )
-                self.close_connection = True
-                self.connection.shutdown(socket.SHUT_RDWR)
-                return
-            # Recorded before any scripted delay: "processed, but the answer came late".
-            collector._record(
-                RequestRecord(status=status, messages=len(batch), **record), batch if accepted else None
-            )
-            if fault.delay:
-                time.sleep(fault.delay)
-            body = fault.body
-            if body is None:
-                body = b"{}" if accepted else orjson.dumps({"code": "fault", "message": "scripted fault"})
-            self._answer(status, body, fault.retry_after)
-
-    return Handler

@@ -139,7 +139,10 @@ _SEGMENT_ADVANCED = (
     "timestamps always carry milliseconds (`…T00:00:00.000+00:00`); `context.library` is cdpmp's"
     " (these assertions ran only once Segment's `fail` callback no longer shadowed unittest's)"
 )
-_BAD_KEY = "the local collector answers 401 to a key it does not know; cdpmp reports it to `on_error`"
+_BAD_KEY = (
+    "cdpmp asks for strict mode (`X-Strict-Mode: 1`): a key the API does not know is answered 401 and"
+    " reported to `on_error` (the official client hears 200 and its event is dropped unseen)"
+)
 
 # Public-API tests that fail, each for a documented difference (README, "Differences").
 DIFFERENCES = {

@@ -166,7 +166,7 @@ def test_demo_counts_its_events_and_its_verdict_comes_from_what_arrived(
     assert "1 event from the master, then 2 process(es) x 3 events" in out.stdout
     assert "2 forked workers finished (0 failed)" in out.stdout
     assert "result: all 7 accepted events arrived exactly once" in out.stdout
-    from cdpmp.cli import _verdict
+    from cdpmp._demo import _verdict
 
     assert _verdict(["a", "b", "c"], {"a": 2, "x": 1}, failed=1, drained=False) == 1
     assert capsys.readouterr().err.strip() == (
@@ -207,7 +207,8 @@ def test_collector_prints_one_whole_line_per_message_under_concurrent_requests()
     try:
         assert proc.stdout is not None
         url = proc.stdout.readline().split()[3]
-        proc.stdout.readline()
+        proc.stdout.readline()  # the key it accepts
+        assert proc.stdout.readline().startswith("answers as the API")
         lines: list[str] = []
         reader = threading.Thread(target=lambda: lines.extend(proc.stdout or ()))  # never a full pipe
         reader.start()

@@ -109,7 +109,7 @@ def test_error_bodies_are_parsed_tolerantly(
     client.track("u", "E")
     client.flush(timeout=10)
     assert isinstance(errors[0][0], cdpmp.APIError)
-    assert errors[0][0].code == "unknown" and errors[0][0].status == 400
+    assert errors[0][0].code == "Bad Request" and errors[0][0].status == 400  # the status's name
 
 
 def test_dropped_connection_is_retried(
@@ -172,7 +172,7 @@ def test_retry_budget_bounds_a_failing_batch(
     collector.fail_next(1000, status=503)
     client = make_client(retry_budget=1.0, on_error=lambda e, b: errors.append((e, b)))
     client.track("u", "E")
-    assert client.flush(timeout=10)  # the batch ended (failed) within its budget
+    assert client.flush(timeout=10) is False  # the batch ended (given up) within its budget
     assert len(errors) == 1 and client.stats()["failed"] == 1
     assert 1 < len(collector.requests) < 20
 
@@ -181,7 +181,7 @@ def test_max_retries_bounds_attempts(collector: Collector, make_client: Callable
     collector.fail_next(1000, status=500)
     client = make_client(max_retries=2)
     client.track("u", "E")
-    assert client.flush(timeout=10)
+    assert client.flush(timeout=10) is False  # given up after 2 retries
     assert len(collector.requests) == 3
 
 
@@ -352,7 +352,7 @@ def test_a_process_with_two_clients_sums_up_its_losses_in_one_line(collector: Co
         for n, client in enumerate(clients):
             for i in range(30 + n * 10):
                 client.track("u", "E", message_id=f"c{{n}}-{{i}}")
-            assert client.flush(10)
+            assert client.flush(10) is False  # every one was refused
     """
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=60
@@ -374,7 +374,7 @@ def test_every_loss_is_summed_up_at_exit_without_any_logging_setup(collector: Co
                               upload_interval=30)
         for i in range(250):
             client.track("u", "E", message_id=f"m{{i}}")
-        assert client.flush(10)
+        assert client.flush(10) is False  # every one was refused
     """
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=60
@@ -382,8 +382,9 @@ def test_every_loss_is_summed_up_at_exit_without_any_logging_setup(collector: Co
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.startswith("cdpmp:")]
     # the first rejection as it happens (a 400 batch is split to find the bad
-    # messages; the rest fall within the rate limit), then the exit total
-    assert len(lines) == 2, lines
+    # messages; the rest fall within the rate limit), flush()'s answer, then the exit total
+    assert len(lines) == 3, lines
     assert "event(s) given up (rejected): [cdp] fault: scripted fault (400)" in lines[0]
-    assert "gave up 250 event(s) in total (250 rejected)" in lines[1]
+    assert "flush() returns False: 250 event(s) accepted before it were given up" in lines[1]
+    assert "gave up 250 event(s) in total (250 rejected)" in lines[2]
     assert collector.message_ids() == []

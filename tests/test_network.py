@@ -115,8 +115,12 @@ def test_cli_collector_takes_network_conditions() -> None:
             assert proc.stdout.readline().startswith("accepts write key")
             assert "latency=0.05" in proc.stdout.readline()
             url = first.split("listening on ")[1].split()[0]
-            response = urllib3.request("POST", url + "/v1/batch", body=b"{}", retries=False, timeout=10)
+            strict = {"X-Strict-Mode": "1", "Content-Type": "application/json"}
+            response = urllib3.request(
+                "POST", url + "/v1/batch", body=b"{}", headers=strict, retries=False, timeout=10
+            )
             assert response.status == 401  # credentials are checked before the conditions apply
+            assert b'"errors"' in response.data  # the API's {"meta": {"errors": [...]}}
         finally:
             proc.terminate()
             proc.wait(10)

@@ -26,7 +26,8 @@ import time
 from typing import Deque, Dict, List, Optional, Set, Tuple
 
 from .._engine import Held, Lane, Outcome, backlogged, deliver, engine, settle, take_batch
-from .._options import Settings, from_source_entry
+from .._lane import RequestRate
+from .._options import Settings, from_source_entry, host_settings
 from .._outcome import internal_error
 from .._retry import RetryPolicy
 from .._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES, Transport
@@ -73,6 +74,9 @@ class Dispatch:
         self._settled: Dict[int, int] = {}  # source -> records done, not yet uncounted
         self._jobs: Set[Held] = set()  # requests in progress
         self._stale: Set[int] = set()  # ids of those started before the last _forget
+        self._rate = RequestRate(host_settings().uploader_max_rate)
+        self.paced = 0  # times a due batch waited for the host's request rate
+        self._turn = 0
 
     def _load_sources(self) -> None:
         for key, entry in read_sources(self.directory).items():
@@ -241,7 +245,11 @@ class Dispatch:
         """Start the batches each source's lane allows (a failing source backs off
         alone: the others' records are read and sent past its backlog)."""
         started = False
-        for sid, pending in self._pending.items():
+        order = list(self._pending.items())
+        if len(order) > 1:  # each source goes first in turn: a paced host serves them all
+            self._turn = (self._turn + 1) % len(order)
+            order = order[self._turn :] + order[: self._turn]
+        for sid, pending in order:
             settings, lane = self._sources[sid], self._lanes[sid]
             due = draining or now - self._seen.get(sid, now) >= settings.upload_interval
             while pending and lane.slots(now) > 0:
@@ -249,6 +257,10 @@ class Dispatch:
                 if len(batch) < settings.upload_size and not pending and not due:
                     pending.extendleft(reversed(batch))  # not full, not due: let it fill
                     break
+                if not self._rate.take():  # the host's request rate (uploader_max_rate)
+                    pending.extendleft(reversed(batch))  # meanwhile it fills up
+                    self.paced += 1
+                    return started
                 self._start(sid, batch, deadline)
                 started = True
                 self._seen[sid] = now  # what is left arrived after what was sent

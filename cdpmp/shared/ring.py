@@ -273,6 +273,14 @@ class Ring(RingHeader):
         signal handler may call it while this thread holds the lock)."""
         return HEAD_TAIL_COUNT.unpack_from(self.mm, 32)
 
+    def held_by(self, source: int) -> Optional[int]:
+        """Records ``source`` holds (undelivered, not given up), without any lock (an
+        aligned word, as :meth:`peek`); None when it has no slot (all 64 are busy)."""
+        at = self._slots.get(source)
+        if not at or U64.unpack_from(self.mm, at)[0] != source:
+            return None
+        return int(U64.unpack_from(self.mm, at + 8)[0])
+
     def read(self, start: int, limit_records: int, limit_bytes: int, tally: bool = True) -> List[Record]:
         """Parse records from ``start`` up to the current tail (they are immutable until
         ``head`` passes them). Damaged bytes are returned as one :data:`CORRUPT`

@@ -24,6 +24,7 @@ next call or the exit flush covers it.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import threading
@@ -49,8 +50,11 @@ WATCH_IDLE_EXIT = 10.0  # seconds of an empty ring after which the watch thread 
 
 
 def source_id(settings: Settings) -> int:
-    digest = hashlib.blake2b(f"{settings.write_key}\0{settings.endpoint}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") or 1
+    """The id of a source: every setting the uploader sends it with (its entry), so
+    that two clients of one key that send differently (``strict_mode``, ``gzip``...)
+    are two sources, each sent as configured, never the first one's way."""
+    entry = json.dumps(source_entry(settings), sort_keys=True).encode()
+    return int.from_bytes(hashlib.blake2b(entry, digest_size=8).digest(), "little") or 1
 
 
 def open_ring(settings: Settings) -> Tuple[Ring, str]:
@@ -220,8 +224,12 @@ class SharedSink:
         return ring
 
     def flush(self, timeout: float) -> bool:
-        """Wait until everything in the ring when called has been acknowledged. Takes
-        no lock to wait (safe from a signal handler); the deadline covers all of it."""
+        """Wait until this source's events in the ring when called are delivered or
+        given up: the ring's head has passed them, or the source holds none. Another
+        source's backlog (its endpoint down, its records before ours) is not waited
+        for. Takes no lock to wait (safe from a signal handler); the deadline covers
+        all of it. Limit: while other processes of this source keep adding events and
+        another source holds the head, it answers at its deadline."""
         ring = self._here()
         if ring.replaced():
             ring = self._carry_over(ring)
@@ -229,7 +237,7 @@ class SharedSink:
         _, target, _ = ring.peek()
         next_check = 0.0
         while True:
-            if ring.peek()[0] >= target:
+            if ring.peek()[0] >= target or ring.held_by(self._source) == 0:
                 try:  # what was given up for good is reported before flush() returns
                     self._notify(ring)
                 except OSError as exc:
