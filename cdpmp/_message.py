@@ -1,30 +1,11 @@
 """Building one wire message and serialising it exactly once.
 
-Owns the coercion rules for values inside ``properties``/``traits``/``context``:
-
-==========================  ==================================================
-value                        sent as
-==========================  ==================================================
-datetime / date / time       ISO-8601 string; a naive datetime is taken as UTC
-Decimal                      a JSON number with all its digits; str when it is
-                             not finite or beyond a double's range (±1e308)
-float NaN / ±infinity        ``null`` (JSON has no such numbers)
-UUID                         its canonical string
-set / frozenset / tuple      a list
-Enum                         its value
-bytes / bytearray            UTF-8 text (undecodable bytes become U+FFFD)
-dataclass instance           a dict of its fields
-int beyond 64 bits           a string of its digits
-non-str dict key             ``str(key)`` (bytes keys: UTF-8 text); two keys
-                             that become the same string refuse the message
-anything else                ``str(value)``, with a one-time warning per key path
-==========================  ==================================================
-
-Refused (``(False, msg)``, counted as ``unserializable``): a value that refers to
-itself (a cycle), a datetime whose ``tzinfo`` raises, an int too long for ``str()``,
-an object whose ``str()`` raises, two keys that collide. Refused as ``oversize``: a
-value that expands to more nodes than a 32 KiB message can hold (shared references
-are expanded, so this bounds the walk in time and memory).
+What each value inside ``properties``/``traits``/``context`` is sent as, and what is
+refused, is stated (and done) in :mod:`cdpmp._coerce`. Refused as ``oversize``: a value
+that expands to more nodes than a 32 KiB message can hold (shared references are
+expanded, so this bounds the walk in time and memory); as ``unserializable``: a value
+that refers to itself (a cycle), two keys that collide, and what :mod:`cdpmp._coerce`
+refuses.
 
 The fast path is one ``orjson.dumps`` call with a ``default`` hook for the types orjson
 lacks; datetimes always go through the hook (``OPT_PASSTHROUGH_DATETIME``) so no C
@@ -41,6 +22,7 @@ import datetime as _dt
 import enum
 import logging
 import math
+import numbers
 import os
 import time
 import uuid
@@ -50,6 +32,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple
 import orjson
 from dateutil.parser import isoparse
 
+from ._coerce import NeedsWalk, Unencodable, coerced, decimal, default, iso
 from .errors import InvalidArgument, InvalidArgumentType
 
 logger = logging.getLogger("cdpmp")
@@ -64,57 +47,6 @@ _WARNED_LIMIT = 1024
 _PATH_SHOWN = 120  # characters of a key path kept for a warning
 _warned: Set[Tuple[str, str]] = set()
 _UTC = _dt.timezone.utc
-_DOUBLE_EXP = 308
-
-
-class Unencodable(ValueError):
-    """The message cannot be encoded; ``reason`` is the counter it is charged to."""
-
-    def __init__(self, detail: str, reason: str = "unserializable") -> None:
-        self.reason = reason
-        super().__init__(detail)
-
-
-class _NeedsWalk(Exception):
-    """Raised from the orjson hook: this value needs the path-aware slow path."""
-
-
-def _iso(value: Any) -> str:
-    """ISO-8601 for datetime/date/time; a naive datetime is UTC. A ``tzinfo`` that
-    raises refuses the message instead of reaching any C serialiser."""
-    try:
-        if isinstance(value, _dt.datetime):
-            if value.tzinfo is None or value.utcoffset() is None:
-                value = value.replace(tzinfo=_UTC)
-        return str(value.isoformat())
-    except Exception as exc:  # noqa: BLE001 - a user's tzinfo may raise anything
-        raise Unencodable(f"a {type(value).__name__} whose tzinfo raised {type(exc).__name__}") from None
-
-
-def _decimal(value: Decimal) -> Any:
-    if value.is_finite() and abs(value.adjusted()) <= _DOUBLE_EXP:
-        return orjson.Fragment(str(value).encode())
-    return str(value)
-
-
-# Calls of _default for values the returned message should show coerced: a change
-# during serialize() means the sent message differs from the caller's. Datetimes are
-# left out: the official client returns them as the caller's objects too (its own
-# suite asserts it), and sending them as ISO strings is the wire's business.
-_coerced = [0]
-
-
-def _default(value: Any) -> Any:
-    if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
-        return _iso(value)
-    _coerced[0] += 1  # racy across threads on purpose: a false "coerced" costs one loads()
-    if isinstance(value, Decimal):
-        return _decimal(value)
-    if isinstance(value, (set, frozenset)):
-        return list(value)
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return bytes(value).decode("utf-8", "replace")
-    raise _NeedsWalk
 
 
 def log_safe(text: str, limit: int = _PATH_SHOWN) -> str:
@@ -151,7 +83,7 @@ class _Walk:
                 return value
             return _int_str(value)
         if isinstance(value, (_dt.datetime, _dt.date, _dt.time)):
-            return _iso(value)
+            return iso(value)
         if depth > _MAX_DEPTH:
             _warn_once(path, value)
             return _safe_str(value)
@@ -172,10 +104,10 @@ class _Walk:
             fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
             return self.value(fields, path, depth + 1)
         if isinstance(value, Decimal):
-            return _decimal(value)
+            return decimal(value)
         try:
-            return self.value(_default(value), path, depth + 1)
-        except _NeedsWalk:
+            return self.value(default(value), path, depth + 1)
+        except NeedsWalk:
             pass
         _warn_once(path, value)
         return _safe_str(value)
@@ -265,22 +197,22 @@ def serialize(message: Dict[str, Any]) -> bytes:
     whatever a user object's ``str()`` raises) for a message that cannot be sent."""
     if _fits(message, _MAX_NODES, 0) >= 0:
         try:
-            return orjson.dumps(message, default=_default, option=_OPTIONS)
-        except (_NeedsWalk, TypeError) as exc:
+            return orjson.dumps(message, default=default, option=_OPTIONS)
+        except (NeedsWalk, TypeError) as exc:
             if isinstance(exc.__cause__, Unencodable):
                 raise exc.__cause__ from None
             # orjson wraps errors from default() in JSONEncodeError (a TypeError)
-    _coerced[0] += 1  # the walk makes a JSON-safe copy: what is sent differs
-    return orjson.dumps(_Walk().value(message, "message", 0), default=_default, option=_OPTIONS)
+    coerced[0] += 1  # the walk makes a JSON-safe copy: what is sent differs
+    return orjson.dumps(_Walk().value(message, "message", 0), default=default, option=_OPTIONS)
 
 
 def serialize_sent(message: Dict[str, Any]) -> Tuple[bytes, Dict[str, Any]]:
     """:func:`serialize`, and the message as it will be sent: ``message`` itself when
     every value went as given, else the coerced copy (Decimal as a number, a set as a
     list, bytes as text...), as the official client returns its cleaned message."""
-    before = _coerced[0]
+    before = coerced[0]
     data = serialize(message)
-    return data, (message if _coerced[0] == before else orjson.loads(data))
+    return data, (message if coerced[0] == before else orjson.loads(data))
 
 
 # Message ids made ahead, 64 per ``os.urandom`` call: a syscall per id cost ≈0.4 µs
@@ -336,8 +268,11 @@ def now_iso() -> str:
 
 def format_timestamp(value: object) -> str:
     """ISO-8601 with offset. Naive datetimes and strings without an offset are UTC;
-    a ``date`` means midnight UTC."""
+    a ``date`` means midnight UTC; pandas' ``NaT`` (a missing time in a DataFrame
+    column) means none was given: now, as ``timestamp=None``."""
     if isinstance(value, _dt.datetime):
+        if value != value:
+            return now_iso()
         when = value
     elif isinstance(value, _dt.date):
         when = _dt.datetime(value.year, value.month, value.day)
@@ -357,21 +292,32 @@ def format_timestamp(value: object) -> str:
 
 
 def identifier(name: str, value: object) -> Optional[str]:
-    """``user_id``-like values: str, int, float or UUID, sent as str."""
+    """``user_id``-like values: a str, a UUID or any number the official client takes
+    (``numbers.Number``: int, float, ``Decimal``, numpy integers...), sent as ``str()``
+    as it sends them. Refused where it would send nonsense: a bool, NaN or infinity."""
     if value is None:
         return None
     if isinstance(value, str):
         if not value:
             raise InvalidArgument(name, "must not be empty")
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float, uuid.UUID)):
-        raise InvalidArgumentType(name, "a str, int or UUID", value)
-    if isinstance(value, float) and not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float, uuid.UUID, numbers.Number)):
+        raise InvalidArgumentType(name, "a str, a number or a UUID", value)
+    if not isinstance(value, (int, uuid.UUID)) and not _finite(value):
         raise InvalidArgument(name, "must be finite")
     try:
         return str(value)
     except ValueError:
         raise InvalidArgument(name, "an int too long to write in decimal") from None
+
+
+def _finite(number: Any) -> bool:
+    try:
+        return math.isfinite(number)
+    except ValueError:  # a signalling Decimal NaN
+        return False
+    except TypeError:  # a complex number: str() as the official client sends it
+        return True
 
 
 def mapping(name: str, value: object) -> Dict[str, Any]:

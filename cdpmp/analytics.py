@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from ._options import MODULE_SETTINGS
 from ._outcome import Stats
 from ._process import off_loop
+from ._version import __version__
 from .client import Client, Result
 from .errors import ConfigurationError
 
@@ -29,6 +30,8 @@ from .errors import ConfigurationError
 globals().update(MODULE_SETTINGS)
 SETTINGS = tuple(MODULE_SETTINGS)
 
+#: Where the official module keeps its version (``analytics.VERSION``, ``__version__``).
+VERSION = __version__
 default_client: Optional[Client] = None
 _stale = True
 _built_from: Dict[str, Any] = {}

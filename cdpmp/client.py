@@ -11,13 +11,13 @@ logged (rate-limited) and reported to ``on_error``. Wrong argument types raise
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
-from ._compat import ConsumerView, QueueView, key_refused_line, other_region
+from ._coerce import Unencodable
+from ._compat import OfficialSurface, key_refused_line, other_region
 from ._direct import DirectSink
 from ._message import (
     MAX_MESSAGE_BYTES,
-    Unencodable,
     format_timestamp,
     identifier,
     mapping,
@@ -28,7 +28,6 @@ from ._message import (
 )
 from ._options import (
     CLIENT_SIGNATURE,
-    FIELDS,
     Settings,
     collect,
     resolve,
@@ -45,7 +44,6 @@ logger = logging.getLogger("cdpmp")
 DEFAULT_FLUSH_TIMEOUT = 30.0  # seconds flush()/join()/shutdown() wait when not told
 LIBRARY = {"name": LIBRARY_NAME, "version": __version__}
 _NO_CONTEXT: Dict[str, Any] = {}
-_OPTION_NAMES = frozenset(f.name for f in FIELDS)
 
 
 def _with_library(context: Dict[str, Any]) -> Dict[str, Any]:
@@ -56,17 +54,16 @@ def _with_library(context: Dict[str, Any]) -> Dict[str, Any]:
 Result = Tuple[bool, Dict[str, Any]]
 
 
-class Client:
+class Client(OfficialSurface):
     """One Customer.io Data Pipelines source. Same options, positional order and
     defaults as the official ``customerio.analytics.Client``; the extra options are
     keyword-only. Every option is declared once, in :mod:`cdpmp._options`.
 
     Options left as ``None`` are read from the environment (``CDP_*``) and otherwise
     take the official defaults. Each option is also readable as an attribute
-    (``client.host``, ``client.upload_size``...), as on the official client.
+    (``client.host``, ``client.upload_size``...), as on the official client (that
+    surface: :class:`cdpmp._compat.OfficialSurface`).
     """
-
-    log = logger  # the official client's ``client.log``: here the ``cdpmp`` logger
 
     def __init__(self, *args: Any, **options: Any) -> None:
         given = collect(args, options)
@@ -80,29 +77,6 @@ class Client:
         self._ledger = Ledger(self.settings.on_error, key_refused_line(self.settings))
         self._sink: Sink = self._make_sink()
         PROCESS.register(self)
-
-    def __getattr__(self, name: str) -> Any:
-        # Only reached when normal lookup fails: the options, read-only.
-        settings = self.__dict__.get("settings")
-        if settings is not None:
-            if name == "host":
-                return self.__dict__.get("_host") or settings.endpoint
-            if name in _OPTION_NAMES:
-                return getattr(settings, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    @property
-    def queue(self) -> QueueView:
-        """The queue as code written for the official client reads it (there a
-        ``queue.Queue``): ``qsize()``, ``empty()``, ``full()``, ``maxsize``."""
-        return QueueView(self.settings, self._sink)
-
-    @property
-    def consumers(self) -> List[ConsumerView]:
-        """The official client's consumer threads, as read-only views: none in
-        ``sync_mode``, else one (direct mode's consumer; in shared mode delivery
-        runs in the uploader, so it is never alive here)."""
-        return [] if self.settings.sync_mode else [ConsumerView(self.settings, self._sink)]
 
     def _make_sink(self) -> Sink:
         if self.settings.sync_mode:
