@@ -95,7 +95,13 @@ class Settings:
         alias="host",
         shown="US `https://cdp.customer.io`; `pk_eu_`/`sk_eu_` keys: `https://cdp-eu.customer.io`",
     )
-    debug: bool = option(False, env="CDP_DEBUG", doc="set the `cdpmp` logger to DEBUG", positional=2)
+    debug: bool = option(
+        False,
+        env="CDP_DEBUG",
+        doc="set the `cdpmp` logger to DEBUG: a line per batch (shared mode: in the uploader's log)",
+        positional=2,
+        source=True,
+    )
     max_queue_size: int = option(
         10000,
         env="CDP_MAX_QUEUE_SIZE",

@@ -216,13 +216,16 @@ class ProcessState:
         Threads start again on demand. True when none is left. Costs nothing in a
         process that never tracked."""
         deadline = time.monotonic() + timeout
+        # OS threads Python does not know (a C library's pool, a test runner's I/O
+        # thread): they stay, and the wait below must not count them as ours.
+        foreign = _os_threads() - threading.active_count()
         stopped = True
         for member in self.members():
             stopped = member._stop_threads(deadline) and stopped
         # A joined thread can still be an OS thread for an instant, and CPython counts
         # OS threads (/proc/self/task) for its fork warning: wait until they are gone.
         settle = min(deadline, time.monotonic() + SETTLE_BUDGET)
-        while _os_threads() > threading.active_count() and time.monotonic() < settle:
+        while _os_threads() - threading.active_count() > foreign and time.monotonic() < settle:
             time.sleep(0.001)
         return stopped
 

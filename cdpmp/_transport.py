@@ -110,8 +110,11 @@ class Transport:
     environment for proxies on every call. Proxies are resolved once, at construction.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, announce: bool = False) -> None:
+        """``announce``: log each batch at INFO whatever the loggers' levels (the
+        shared-mode uploader, for a source with ``debug`` on: its log is the user's view)."""
         self.settings = settings
+        self._announce = announce
         self.policy = RetryPolicy(max_retries=settings.max_retries, budget=settings.retry_budget)
         if settings.bearer:
             auth = "Bearer " + settings.write_key
@@ -205,10 +208,12 @@ class Transport:
         logger), one line for it: events, endpoint, answer, time (no payload, no key)."""
         started = time.monotonic()
         attempt, status = self._answer(body, end)
-        log = logger if logger.isEnabledFor(logging.DEBUG) else official_logger
-        if log.isEnabledFor(logging.DEBUG):
+        log = logger if logger.isEnabledFor(logging.DEBUG) or self._announce else official_logger
+        level = logging.INFO if self._announce else logging.DEBUG
+        if log.isEnabledFor(level):
             outcome = f"{status} ok" if attempt.error is None else str(attempt.error)
-            log.debug(
+            log.log(
+                level,
                 "cdpmp: batch of %d event(s) to %s: %s in %.0f ms",
                 events, self.settings.batch_url, outcome, (time.monotonic() - started) * 1000,
             )  # fmt: skip

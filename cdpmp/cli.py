@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import threading
@@ -127,6 +128,10 @@ def cmd_track(args: argparse.Namespace) -> int:
         parsed = urllib.parse.urlsplit(given if "://" in given else f"https://{given}")
         if not given or not parsed.hostname:  # "" once meant the production endpoint
             raise UserError(f"--endpoint {args.endpoint!r} names no host (e.g. https://cdp.customer.io)")
+        try:
+            parsed.port  # noqa: B018 - raises for a port out of range
+        except ValueError as exc:
+            raise UserError(f"--endpoint {args.endpoint!r}: {exc}") from None
     errors: List[str] = []
     try:
         client = Client(
@@ -140,6 +145,9 @@ def cmd_track(args: argparse.Namespace) -> int:
         raise UserError(str(exc)) from None
     url = client.settings.batch_url
     print(f"sending to {url} (up to {args.timeout:g} s)", file=sys.stderr, flush=True)
+    # The failure is reported below in command-line words; the library's own WARNING
+    # lines speak to an app ("see stats()") and would only repeat it.
+    logging.getLogger("cdpmp").setLevel(logging.ERROR)
     ok, msg = client.track(
         user_id=args.user_id, anonymous_id=args.anonymous_id, event=args.event, properties=properties
     )
@@ -147,6 +155,8 @@ def cmd_track(args: argparse.Namespace) -> int:
         print(f"sent: messageId={msg['messageId']}")
         return 0
     reason = "; ".join(errors) or "refused"
+    if args.endpoint is not None and "://" not in args.endpoint and "SSL" in reason:
+        reason += f" (an endpoint without a scheme is taken as https://; for a local collector give http://{args.endpoint.strip()})"
     print(
         f"cdpmp track: FAILED, messageId={msg['messageId']} not delivered to {url}: {reason}", file=sys.stderr
     )

@@ -44,10 +44,13 @@ def main(count: int) -> int:
             message_id=f"order-{order['id']}",  # re-running the backfill sends the same ids
         )
         refused += not ok
-    analytics.flush(timeout=120)
+    delivered = analytics.flush(timeout=120)  # True: every accepted order was delivered
     stats = analytics.stats()
-    print(f"{count - refused} of {count} accepted, {stats['sent']} sent, dropped: {stats['dropped']}")
-    return refused
+    print(
+        f"{count - refused} of {count} accepted, "
+        f"{'all delivered' if delivered else 'NOT all delivered'}, dropped: {stats['dropped']}"
+    )
+    return refused + (not delivered)
 
 
 if __name__ == "__main__":

@@ -119,6 +119,35 @@ class _Records(logging.Handler):
         self.records.append(record)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_runtime_dir() -> Iterator[str]:
+    """No test, nor anything it starts, ever uses the user's default runtime directory
+    (``/dev/shm/cdpmp-<uid>``): the whole session (one per xdist worker) gets its own,
+    and every uploader started there is ended when the session ends. A test that needs
+    a ring of its own takes the ``runtime_dir`` fixture instead."""
+    import shutil
+    import tempfile
+
+    import psutil
+
+    path = tempfile.mkdtemp(prefix="cdpmp-session-")
+    os.rmdir(path)  # cdpmp creates it, 0700
+    saved = os.environ.get("CDP_RUNTIME_DIR")
+    os.environ["CDP_RUNTIME_DIR"] = path
+    try:
+        yield path
+    finally:
+        if saved is None:
+            os.environ.pop("CDP_RUNTIME_DIR", None)
+        else:
+            os.environ["CDP_RUNTIME_DIR"] = saved
+        procs = uploader_processes(path)
+        for proc in procs:
+            proc.terminate()
+        psutil.wait_procs(procs, timeout=10)
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def _no_server_left() -> Iterator[None]:
     """Kill (process group) every server a test started and left running."""
@@ -172,12 +201,21 @@ def _git_status() -> Optional[str]:
 _status_at_start: List[Optional[str]] = []
 
 
+def _is_xdist_worker(session: pytest.Session) -> bool:
+    # Only the controlling process compares: a worker would see another worker's
+    # test in the middle of its work.
+    return hasattr(session.config, "workerinput")
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
-    _status_at_start.append(_git_status())
+    if not _is_xdist_worker(session):
+        _status_at_start.append(_git_status())
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """The suite leaves the working tree as it found it (clean in CI)."""
+    if _is_xdist_worker(session):
+        return
     before = _status_at_start[0] if _status_at_start else None
     after = _git_status()
     if before is None or after is None or before == after:

@@ -220,7 +220,7 @@ def _run_example(collector: Collector, name: str, **env: str) -> subprocess.Comp
 def test_the_backfill_example_sends_every_order_once() -> None:
     with Collector(strict=False, conditions=Conditions(latency=0.02)) as collector:
         done = _run_example(collector, "backfill.py", ORDERS="20000", CDP_MAX_QUEUE_SIZE="2000")
-        assert "20000 of 20000 accepted" in done.stdout, done.stdout
+        assert "20000 of 20000 accepted, all delivered" in done.stdout, done.stdout
         ids = collector.message_ids()
         assert sorted(ids) == sorted(f"order-{n}" for n in range(20000))
         first = next(m for m in collector.messages if m["messageId"] == "order-0")

@@ -85,6 +85,10 @@ def test_demo_reports_every_event_arriving_exactly_once(workers: str) -> None:
         (["--event", "E", "--user-id", "u", "--endpoint", "http://"], "--endpoint 'http://' names no host"),
         (["--event", "E", "--user-id", "u", "--timeout", "0"], "cdpmp track: --timeout must be more than 0"),
         (
+            ["--event", "E", "--user-id", "u", "--endpoint", "http://127.0.0.1:99999"],
+            "--endpoint 'http://127.0.0.1:99999': Port out of range 0-65535",
+        ),
+        (
             ["--event", "E", "--user-id", "u", "--write-key-file", "/nonexistent/key"],
             "cannot read --write-key-file /nonexistent/key: No such file or directory",
         ),
@@ -97,6 +101,7 @@ def test_demo_reports_every_event_arriving_exactly_once(workers: str) -> None:
         "empty-endpoint",
         "no-host",
         "bad-timeout",
+        "port-out-of-range",
         "missing-key-file",
     ],
 )
@@ -132,7 +137,26 @@ def test_track_names_the_endpoint_it_waits_on_and_why_it_failed() -> None:
         lines[-1].startswith("cdpmp track: FAILED, messageId=")
         and f"not delivered to {url}/v1/batch" in lines[-1]
     )
-    assert "Traceback" not in out.stderr
+    assert len(lines) == 2 and "Traceback" not in out.stderr
+    assert "stats()" not in out.stderr  # an app's words, not a command line's
+
+
+def test_track_hints_at_http_when_a_scheme_less_endpoint_meets_plain_http(collector: Collector) -> None:
+    host = collector.url.split("://", 1)[1]  # 127.0.0.1:PORT, as people type it
+    out = _cdpmp(
+        "track",
+        "--event",
+        "E",
+        "--user-id",
+        "u",
+        "--endpoint",
+        host,
+        "--timeout",
+        "2",
+        env={"CDP_WRITE_KEY": collector.write_key},
+    )
+    assert out.returncode == 1
+    assert f"for a local collector give http://{host}" in out.stderr.splitlines()[-1], out.stderr
 
 
 def test_collector_says_which_write_key_it_accepts_without_printing_a_real_one() -> None:

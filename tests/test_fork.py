@@ -231,6 +231,11 @@ def test_quiesce_sends_then_ends_every_thread_and_they_come_back_on_demand(colle
     # may be running when the server forks, and nothing queued may be left behind.
     from cdpmp._process import PROCESS
 
+    def unknown_to_python() -> int:  # OS threads threading does not list (xdist's I/O thread)
+        return len(os.listdir("/proc/self/task")) - threading.active_count()
+
+    proc_tasks = os.path.isdir("/proc/self/task")
+    foreign = unknown_to_python() if proc_tasks else 0
     client = cdpmp.Client(collector.write_key, endpoint=collector.url, upload_interval=60)
     try:
         for i in range(50):
@@ -240,8 +245,8 @@ def test_quiesce_sends_then_ends_every_thread_and_they_come_back_on_demand(colle
         assert [t.name for t in threading.enumerate() if t.name in ("cdpmp-sender", "cdpmp-watch")] == []
         # Gone for the kernel too (CPython's fork warning counts /proc/self/task): a
         # joined thread was still listed there right after join() 922 times in 2,000.
-        if os.path.isdir("/proc/self/task"):
-            assert len(os.listdir("/proc/self/task")) == threading.active_count()
+        if proc_tasks:
+            assert unknown_to_python() <= foreign
         assert sorted(collector.message_ids()) == sorted(f"q-{i}" for i in range(50))
         client.track("u", "E", message_id="after")
         assert client.flush(10)

@@ -362,3 +362,22 @@ def test_the_watch_thread_ends_when_the_ring_stays_empty_and_comes_back_on_deman
         assert sorted(collector.message_ids()) == ["w-1", "w-2"]
     finally:
         client.shutdown(timeout=5)
+
+
+def test_debug_in_shared_mode_logs_each_batch_in_the_uploaders_log_and_says_where(
+    runtime_dir: str, collector: Collector, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="cdpmp")
+    client = _shared(collector, debug=True)
+    try:
+        ids = [client.track("u", "E", {"i": i})[1]["messageId"] for i in range(5)]
+        assert client.flush(timeout=10) and sorted(collector.message_ids()) == sorted(ids)
+        log = Path(runtime_dir, "uploader.log")
+        assert wait_until(lambda: "batch of 5 event(s) to " in log.read_text(), timeout=10), log.read_text()
+        assert f"{collector.url}/v1/batch: 200 ok" in log.read_text()
+        said = [r.getMessage() for r in caplog.records if "line per batch is in" in r.getMessage()]
+        assert said == [f"cdpmp: shared mode: the uploader sends; its line per batch is in {log}"]
+    finally:
+        client.shutdown(timeout=5)

@@ -89,7 +89,7 @@ class Dispatch:
                 logger.warning("cdpmp uploader: ignoring an invalid source entry %s", key)
                 continue
             self._sources[sid] = settings
-            self._transports[sid] = Transport(settings)
+            self._transports[sid] = Transport(settings, announce=settings.debug)
             policy = RetryPolicy(max_retries=settings.max_retries, budget=settings.retry_budget)
             self._lanes[sid] = Lane(settings.max_in_flight, policy)
 
