@@ -136,20 +136,19 @@ class Rules:
             return Verdict(429, ["rate limit exceeded: too many requests for this workspace"])
         strict = self.strict_for(headers)
         batch: List[Any] = []
+        refusal: Optional[_Refusal] = None
         try:
-            try:
-                batch = self._batch(headers, raw)
-            finally:  # the credentials come first, but the batch was read (dropped ids)
-                if headers.get("Authorization") != self.authorization:
-                    raise _Refusal(401, "invalid or missing write key")
-        except _Refusal as refusal:
-            if strict:
-                return Verdict(refusal.status, [refusal.error], refused=len(batch), messages=len(batch))
-            dropped = [Dropped(_message_id(m), refusal.error) for m in batch] or [
-                Dropped(None, refusal.error)
-            ]
-            return Verdict(200, dropped=dropped, messages=len(batch))
-        return self._per_message(batch, strict)
+            batch = self._batch(headers, raw)
+        except _Refusal as exc:
+            refusal = exc
+        if headers.get("Authorization") != self.authorization:  # the credentials come first;
+            refusal = _Refusal(401, "invalid or missing write key")  # the batch was read for its ids
+        if refusal is None:
+            return self._per_message(batch, strict)
+        if strict:
+            return Verdict(refusal.status, [refusal.error], refused=len(batch), messages=len(batch))
+        dropped = [Dropped(_message_id(m), refusal.error) for m in batch] or [Dropped(None, refusal.error)]
+        return Verdict(200, dropped=dropped, messages=len(batch))
 
     def _batch(self, headers: Headers, raw: bytes) -> List[Any]:
         if (headers.get("Content-Type") or "").split(";")[0].strip() != "application/json":

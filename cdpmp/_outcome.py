@@ -273,11 +273,9 @@ class Ledger:
             if not told:  # the call itself answered (False, msg): flush() owes nothing for it
                 self.given_up += n
             self.last_error = str(error)
-            said, self._key_refusal_said = (
-                self._key_refusal_said,
-                self._key_refusal_said or _key_refused(error),
-            )
-        if not said and self._key_refusal_said:
+            first_key_refusal = not self._key_refusal_said and _key_refused(error)
+            self._key_refusal_said = self._key_refusal_said or first_key_refusal
+        if first_key_refusal:  # once per client: the key will not fix itself
             logger.warning(self.key_refused, error)
         self.log.warning(why, "cdpmp: %d event(s) given up (%s): %s; see stats()['dropped']", n, why, error)
         if not self.on_error:
