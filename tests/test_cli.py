@@ -114,22 +114,26 @@ def test_track_answers_each_mistake_with_one_line_and_status_2(args: list[str], 
     assert "Traceback" not in out.stderr and out.stdout == ""
 
 
-def test_track_names_the_endpoint_it_waits_on_and_why_it_failed() -> None:
-    from tests.servers import free_port
-
-    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    out = _cdpmp(
+def _track_to(endpoint: str, timeout: str, key: str) -> subprocess.CompletedProcess[str]:
+    return _cdpmp(
         "track",
         "--event",
         "E",
         "--user-id",
         "u",
         "--endpoint",
-        url,
+        endpoint,
         "--timeout",
-        "1",
-        env={"CDP_WRITE_KEY": "k"},
+        timeout,
+        env={"CDP_WRITE_KEY": key},
     )
+
+
+def test_track_names_the_endpoint_it_waits_on_and_why_it_failed() -> None:
+    from tests.servers import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    out = _track_to(url, "1", "k")
     assert out.returncode == 1
     lines = out.stderr.splitlines()
     assert lines[0] == f"sending to {url}/v1/batch (up to 1 s)"
@@ -143,18 +147,7 @@ def test_track_names_the_endpoint_it_waits_on_and_why_it_failed() -> None:
 
 def test_track_hints_at_http_when_a_scheme_less_endpoint_meets_plain_http(collector: Collector) -> None:
     host = collector.url.split("://", 1)[1]  # 127.0.0.1:PORT, as people type it
-    out = _cdpmp(
-        "track",
-        "--event",
-        "E",
-        "--user-id",
-        "u",
-        "--endpoint",
-        host,
-        "--timeout",
-        "2",
-        env={"CDP_WRITE_KEY": collector.write_key},
-    )
+    out = _track_to(host, "2", collector.write_key)
     assert out.returncode == 1
     assert f"for a local collector give http://{host}" in out.stderr.splitlines()[-1], out.stderr
 
