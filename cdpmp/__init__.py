@@ -7,6 +7,9 @@ framework.
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 from . import analytics
 from ._outcome import HostStats, Stats
 from ._version import __version__
@@ -25,6 +28,17 @@ from .errors import (
     TransportError,
     UnknownOption,
 )
+
+_LAZY = frozenset({"prometheus", "testing", "version"})
+
+
+def __getattr__(name: str) -> Any:
+    # ``cdpmp.prometheus.HostCollector()`` after a plain ``import cdpmp``, as the manual
+    # writes it, without importing those modules (or what they import) until used.
+    if name in _LAZY:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "APIError",

@@ -77,3 +77,18 @@ def test_customerios_documented_debug_lines_show_each_batch(
         f"DEBUG:{logger}:cdpmp: batch of 1 event(s) to {collector.url}/v1/batch: 200 ok in "
     )
     assert "payload-text" not in done.stderr and collector.write_key not in done.stderr
+
+
+def test_the_manuals_prometheus_line_runs_after_a_plain_import() -> None:
+    """docs/shared-mode.md writes ``REGISTRY.register(cdpmp.prometheus.HostCollector())``
+    after ``import cdpmp``; submodules load on first use, never at ``import cdpmp``."""
+    pytest.importorskip("prometheus_client")
+    script = """
+        import sys
+        from prometheus_client import REGISTRY, generate_latest
+        import cdpmp
+        assert "cdpmp.prometheus" not in sys.modules and "cdpmp.testing" not in sys.modules
+        REGISTRY.register(cdpmp.prometheus.HostCollector())
+        assert b"cdpmp_shared_ring_present" in generate_latest(REGISTRY)
+    """
+    subprocess.run([sys.executable, "-c", textwrap.dedent(script)], check=True, timeout=60)
