@@ -82,25 +82,30 @@ def uploader_processes(directory: str) -> List[Any]:
     return found
 
 
+def end_uploaders(directory: str) -> None:
+    """Terminate the uploaders serving ``directory``; kill any left after 10 s."""
+    import psutil
+
+    procs = uploader_processes(directory)
+    for proc in procs:
+        proc.terminate()
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for proc in alive:
+        proc.kill()
+
+
 @pytest.fixture
 def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A private runtime directory for shared mode; its uploaders die with the test."""
     import shutil
     import tempfile
 
-    import psutil
-
     path = tempfile.mkdtemp(prefix="cdpmp-rt-")
     os.rmdir(path)  # cdpmp creates it, 0700
     monkeypatch.setenv("CDP_RUNTIME_DIR", path)
     monkeypatch.setenv("CDP_UPLOADER_IDLE_EXIT", "5")
     yield path
-    procs = uploader_processes(path)
-    for proc in procs:
-        proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    for proc in alive:
-        proc.kill()
+    end_uploaders(path)
     log = Path(path, "uploader.log")
     text = log.read_text(errors="replace") if log.is_file() else ""  # never a FIFO a test left
     shutil.rmtree(path, ignore_errors=True)
@@ -128,8 +133,6 @@ def _own_runtime_dir() -> Iterator[str]:
     import shutil
     import tempfile
 
-    import psutil
-
     path = tempfile.mkdtemp(prefix="cdpmp-session-")
     os.rmdir(path)  # cdpmp creates it, 0700
     saved = os.environ.get("CDP_RUNTIME_DIR")
@@ -141,10 +144,7 @@ def _own_runtime_dir() -> Iterator[str]:
             os.environ.pop("CDP_RUNTIME_DIR", None)
         else:
             os.environ["CDP_RUNTIME_DIR"] = saved
-        procs = uploader_processes(path)
-        for proc in procs:
-            proc.terminate()
-        psutil.wait_procs(procs, timeout=10)
+        end_uploaders(path)
         shutil.rmtree(path, ignore_errors=True)
 
 

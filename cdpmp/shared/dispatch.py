@@ -75,7 +75,6 @@ class Dispatch:
         self._jobs: Set[Held] = set()  # requests in progress
         self._stale: Set[int] = set()  # ids of those started before the last _forget
         self._rate = RequestRate(host_settings().uploader_max_rate)
-        self.paced = 0  # times a due batch waited for the host's request rate
         self._turn = 0
 
     def _load_sources(self) -> None:
@@ -259,7 +258,6 @@ class Dispatch:
                     break
                 if not self._rate.take():  # the host's request rate (uploader_max_rate)
                     pending.extendleft(reversed(batch))  # meanwhile it fills up
-                    self.paced += 1
                     return started
                 self._start(sid, batch, deadline)
                 started = True

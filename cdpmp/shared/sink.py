@@ -84,7 +84,8 @@ class SharedSink:
         self._ring, self._dir = open_ring(self._settings)
         self._source = source_id(self._settings)
         if self._settings.debug and logger.isEnabledFor(logging.DEBUG):  # where debug=True's lines are
-            logger.debug("cdpmp: shared mode: the uploader sends; its line per batch is in %s", self.log_path)
+            where = os.path.join(self._dir, UPLOADER_LOG)
+            logger.debug("cdpmp: shared mode: the uploader sends; its line per batch is in %s", where)
         try:
             with self._ring.locked():
                 write_source(self._dir, self._source, source_entry(self._settings))
@@ -97,10 +98,6 @@ class SharedSink:
         self._watch_pid = -1
         self._watcher: Optional[threading.Thread] = None
         self._watch_stop = threading.Event()
-
-    @property
-    def log_path(self) -> str:
-        return os.path.join(self._dir, UPLOADER_LOG)
 
     def reset_after_fork(self) -> None:
         if self._pid != os.getpid():
