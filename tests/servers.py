@@ -76,12 +76,14 @@ class Server:
 
     started: List[Server] = []
 
-    def __init__(self, cmd: Sequence[str], env: Dict[str, str], log: Path, port: int) -> None:
+    def __init__(
+        self, cmd: Sequence[str], env: Dict[str, str], log: Path, port: int, cwd: Path = ROOT
+    ) -> None:
         self.log_path = log
         self.port = port
         self._log = open(log, "wb")
         self.proc = subprocess.Popen(
-            list(cmd), env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+            list(cmd), env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
         Server.started.append(self)
 

@@ -4,7 +4,8 @@ most 200 lines), and every Python block in either runs against the local collect
 (``YOUR_WRITE_KEY`` replaced by the collector's key): a snippet that stops working fails
 here. A block is exempt only when the line before it says why (``<!-- not run: ... -->``)
 or names the example file it shows (``<!-- example: examples/x.py -->``: it must be that
-file, which tests/test_beyond_servers.py runs)."""
+file, which tests/test_beyond_servers.py runs) or is one file of a page's app
+(``<!-- file: app.py -->``: tests/test_docs_apps.py starts that app as its page says)."""
 
 from __future__ import annotations
 
@@ -74,6 +75,8 @@ def test_every_python_example_runs(block: Block, collector: Collector, tmp_path:
         example = block.marker.split(":", 1)[1].strip(" ->")
         assert block.code == (ROOT / example).read_text(), f"{block.where} differs from {example}"
         return
+    if block.marker.startswith("<!-- file:"):
+        return  # one file of a page's app: tests/test_docs_apps.py starts it as the page says
     if block.marker.startswith("<!-- not run:"):
         assert len(block.marker) > len("<!-- not run: -->") + 10, f"{block.where}: say why it is not run"
         return
