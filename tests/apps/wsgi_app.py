@@ -7,6 +7,7 @@ whether every ``track()`` returned success. Settings come from the environment
 ``APP_CLIENT=official`` uses customerio-cdp-analytics instead (for comparison
 figures); ``APP_CLIENT=off`` tracks nothing. ``APP_TRACK_AT_IMPORT=1`` tracks one event
 at import, i.e. in the master with ``--preload``/without ``lazy-apps``.
+``APP_NO_SETUP=1`` leaves out the uWSGI line (an app that forgot it).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ else:
     import cdpmp.integrations.uwsgi
     from cdpmp import analytics  # type: ignore[no-redef]
 
-    cdpmp.integrations.uwsgi.setup()  # a no-op outside uWSGI
+    if os.environ.get("APP_NO_SETUP") != "1":
+        cdpmp.integrations.uwsgi.setup()  # a no-op outside uWSGI
 
 if os.environ.get("APP_TRACK_AT_IMPORT") == "1" and CLIENT != "off":
     analytics.track(user_id="master", event="App Loaded", message_id=f"import-{os.getpid()}")
