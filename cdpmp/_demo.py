@@ -68,6 +68,10 @@ def run_demo(workers: int, events: int, mode: Optional[str]) -> int:
             setattr(analytics, name, value)
         if mode:
             os.environ[ENV["mode"]] = mode
+        if mode == "shared":
+            # A ring of its own, removed at the end: the demo must neither leave a 33 MB
+            # ring in /dev/shm nor feed the host's real uploader. cdpmp creates it 0700.
+            os.environ[ENV["runtime_dir"]] = os.path.join(scratch, "runtime")
         print(
             f"cdpmp {__version__} demo: collector on {collector.url}, mode={mode or 'direct'}: "
             f"1 event from the master, then {workers or 1} process(es) x {events} events"
@@ -91,6 +95,9 @@ def run_demo(workers: int, events: int, mode: Optional[str]) -> int:
         summary = collector.summary()
         received = collections.Counter(collector.message_ids())
         stats = analytics.stats()
+        if stats["host"] is not None:  # its uploader ends before its folder goes
+            analytics.shutdown(timeout=5)  # and no exit drain reopens the ring
+            _stop_demo_uploader()
     print(f"  accepted by track()/identify()/...: {len(accepted)}")
     print(
         f"  collector received: {summary['messages']} messages ({summary['unique']} unique, "
@@ -105,7 +112,6 @@ def run_demo(workers: int, events: int, mode: Optional[str]) -> int:
             f"batches={host['batches']} requests={host['requests']} queue_full={host['queue_full']} "
             f"uploader pid={host['uploader_pid']}"
         )
-        _stop_demo_uploader()
     else:
         print(f"  this process: sent={stats['sent']} batches={stats['batches']} dropped={stats['dropped']}")
     return _verdict(accepted, received, failed, drained)

@@ -27,7 +27,6 @@ import time
 from typing import Any, Dict, List, Literal, Optional, Tuple, TypedDict, Union
 
 import orjson
-import urllib3
 
 from ._options import OnError
 from .errors import APIError, DeliveryError, InternalError, MessageRejected, ShutdownAbandoned
@@ -60,21 +59,25 @@ def classify_status(status: int) -> Verdict:
     return "final"
 
 
-_RETRYABLE_EXCEPTIONS = (
-    urllib3.exceptions.TimeoutError,
-    urllib3.exceptions.ProtocolError,
-    urllib3.exceptions.NewConnectionError,
-    urllib3.exceptions.ProxyError,
-    urllib3.exceptions.SSLError,
-    urllib3.exceptions.MaxRetryError,
-    OSError,
-)
+def _retryable_exceptions() -> Tuple[type, ...]:
+    # Imported on the first failure, not with cdpmp: see client.Client._make_sink.
+    from urllib3 import exceptions
+
+    return (
+        exceptions.TimeoutError,
+        exceptions.ProtocolError,
+        exceptions.NewConnectionError,
+        exceptions.ProxyError,
+        exceptions.SSLError,
+        exceptions.MaxRetryError,
+        OSError,
+    )
 
 
 def classify_exception(exc: BaseException) -> Verdict:
     """Timeouts and connection failures are retried; an invalid URL or anything
     unexpected is final (retrying a programming error only hides it)."""
-    if isinstance(exc, _RETRYABLE_EXCEPTIONS):
+    if isinstance(exc, _retryable_exceptions()):
         return "retry"
     return "final"
 

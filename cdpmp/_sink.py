@@ -7,12 +7,14 @@ behavioural test suite: ``DirectSink`` (:mod:`cdpmp._direct`, the default),
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import TYPE_CHECKING, Optional, Protocol
 
 from ._options import Settings
 from ._outcome import HostStats, Ledger
-from ._transport import Transport
 from .errors import DeliveryError
+
+if TYPE_CHECKING:
+    from ._transport import Transport
 
 
 class Sink(Protocol):
@@ -57,7 +59,9 @@ class SyncSink:
     mode = "sync"
 
     def __init__(self, settings: Settings, ledger: Ledger) -> None:
-        self.transport = Transport(settings)
+        from ._transport import Transport  # urllib3 (and ssl) only once something sends
+
+        self.transport: Transport = Transport(settings)
         self._ledger = ledger
 
     def put(self, data: bytes) -> Optional[DeliveryError]:

@@ -15,7 +15,6 @@ from typing import Any, Dict, Optional, Tuple
 
 from ._coerce import Unencodable
 from ._compat import OfficialSurface, key_refused_line, other_region
-from ._direct import DirectSink
 from ._message import (
     MAX_MESSAGE_BYTES,
     format_timestamp,
@@ -34,10 +33,9 @@ from ._options import (
 )
 from ._outcome import DropReason, Ledger, Stats
 from ._process import PROCESS, off_loop
-from ._sink import Sink, SyncSink
+from ._sink import Sink
 from ._version import LIBRARY_NAME, __version__
 from .errors import MessageRejected, MissingIdentity
-from .shared.sink import make_shared_sink
 
 logger = logging.getLogger("cdpmp")
 
@@ -79,12 +77,22 @@ class Client(OfficialSurface):
         PROCESS.register(self)
 
     def _make_sink(self) -> Sink:
+        # Each mode is imported when chosen: direct mode never loads cdpmp.shared (mmap,
+        # fcntl, subprocess), and nothing loads urllib3 -- which imports ssl -- before a
+        # client exists, so a gunicorn.conf.py importing cdpmp leaves gevent's workers
+        # an ssl they can patch (no MonkeyPatchWarning naming urllib3.util.ssl_).
         if self.settings.sync_mode:
+            from ._sink import SyncSink
+
             return SyncSink(self.settings, self._ledger)
         if self.settings.mode == "shared" and self.settings.send:
+            from .shared.sink import make_shared_sink
+
             sink = make_shared_sink(self.settings, self._ledger)
             if sink is not None:
                 return sink
+        from ._direct import DirectSink
+
         return DirectSink(self.settings, self._ledger)
 
     def __repr__(self) -> str:

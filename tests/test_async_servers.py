@@ -53,6 +53,8 @@ def test_gevent_workers_over_https(
     output = server.output()
     assert len(ok) == 300, output[-5000:]
     assert [line for line in output.splitlines() if "cdpmp:" in line] == [], output[-5000:]
+    if not preload:  # the conf line imports cdpmp in the master, but not urllib3 (ssl)
+        assert "MonkeyPatchWarning" not in output, output[-5000:]
     assert_exactly_once(tls_collector, ok, 3, import_events=1 if preload else 0)
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
+import psutil
 import pytest
 
 from cdpmp.testing import Collector
@@ -63,6 +66,20 @@ def test_demo_reports_every_event_arriving_exactly_once(workers: str) -> None:
     out = _cdpmp("demo", "--workers", workers, "--events", "20")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "accepted events arrived exactly once" in out.stdout
+
+
+def test_demo_in_shared_mode_leaves_no_ring_and_no_uploader(tmp_path: Path) -> None:
+    # Its ring lives in a folder of its own, gone with its uploader when it ends: not in
+    # the runtime directory the environment names (the host's real one, for an app).
+    runtime = tmp_path / "runtime"
+    out = _cdpmp(
+        "demo", "--mode", "shared", "--workers", "2", "--events", "20", env={"CDP_RUNTIME_DIR": str(runtime)}
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "accepted events arrived exactly once" in out.stdout
+    pid = int(re.search(r"uploader pid=(\d+)", out.stdout)[1])  # type: ignore[index]
+    assert not runtime.exists() and not psutil.pid_exists(pid)
+    assert "ring was removed" not in out.stderr
 
 
 @pytest.mark.parametrize(
