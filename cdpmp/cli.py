@@ -1,4 +1,4 @@
-"""The ``cdpmp`` command: ``demo``, ``collector``, ``track``, ``stats``, ``uploader``.
+"""The ``cdpmp`` command: ``demo``, ``collector``, ``track``, ``import``, ``stats``, ``uploader``.
 
 Write keys are read from ``--write-key-file`` or ``CDP_WRITE_KEY`` by preference:
 ``--write-key`` works too, but a process's argv is visible to every user of the host.
@@ -255,6 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     track.add_argument("--properties", help="JSON object")
     track.add_argument("--timeout", type=float, default=15.0, help="seconds to keep trying (default 15)")
     track.set_defaults(func=cmd_track)
+
+    from .backfill._command import add_parser as add_import
+
+    add_import(sub, _read_key)
 
     stats = sub.add_parser("stats", help="print the host-wide shared-mode counters (ring and uploader)")
     stats.add_argument("--dir", help="runtime directory (default: as producers resolve it)")

@@ -30,7 +30,7 @@ def _cdpmp(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
 def test_help_explains_every_command() -> None:
     out = _cdpmp("--help")
     assert out.returncode == 0
-    for command in ("demo", "collector", "track", "stats", "uploader"):
+    for command in ("demo", "collector", "track", "import", "stats", "uploader"):
         assert command in out.stdout
 
 
