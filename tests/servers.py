@@ -160,8 +160,10 @@ def load(
     prefix: str = "r",
     duration: Optional[float] = None,
     deadline: float = 60.0,
+    timeout: float = 10.0,
 ) -> List[str]:
     """Send requests; return the ids whose response was 200 "ok" (all k tracks accepted).
+    ``timeout``: seconds per request.
 
     With ``duration`` it sends until that many seconds passed (bounded by ``requests``).
     """
@@ -178,7 +180,7 @@ def load(
                 return
             rid = f"{prefix}{n}"
             try:
-                if get(port, f"/?id={rid}&k={k}") == b"ok":
+                if get(port, f"/?id={rid}&k={k}", timeout) == b"ok":
                     with lock:
                         done.append(rid)
             except OSError:

@@ -48,7 +48,9 @@ def test_gevent_workers_over_https(
     if preload:
         env["APP_TRACK_AT_IMPORT"] = "1"
     server = _gunicorn(tmp_path, tls_collector, args, "tests.apps.wsgi_app:app", **env)
-    ok = load(server.port, 300, k=3)
+    # 30 s per request: on 2 cores shared with other tests, a gevent worker's first
+    # request (its TLS context, in shared mode the uploader's start) once took over 10.
+    ok = load(server.port, 300, k=3, timeout=30)
     server.stop(signal.SIGTERM)
     output = server.output()
     assert len(ok) == 300, output[-5000:]

@@ -25,11 +25,13 @@ from tests.servers import ROOT, server_env
 INVOCATIONS, PER_INVOCATION, FROZEN = 12, 3, 1.5
 
 
-def run_lambda_environment(collector: Collector, kind: str, invocations: int = INVOCATIONS) -> List[str]:
+def run_lambda_environment(
+    collector: Collector, kind: str, invocations: int = INVOCATIONS, **env: str
+) -> List[str]:
     """Run ``tests.apps.lambda_app`` as AWS runs a function: one invocation at a time,
     the environment frozen (SIGSTOP) for FROZEN seconds after each answer, and reaped
     (SIGKILL, still frozen) after the last. Returns the ids tracked."""
-    env = server_env(collector.url, collector.write_key, APP_HANDLER=kind)
+    env = server_env(collector.url, collector.write_key, APP_HANDLER=kind, **env)
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.apps.lambda_app"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,

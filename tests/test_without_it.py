@@ -98,11 +98,15 @@ def test_django_runserver_in_direct_mode_loses_what_its_child_queued(
 
 
 def test_lambda_without_the_decorator_loses_what_was_queued_at_the_freeze(collector: Collector) -> None:
+    # A batch waits up to upload_interval (5 s here, longer than the freeze): what the
+    # last invocation tracked is still queued when the environment is frozen, then
+    # reaped. (With the default 0.5 s it is a race: 27-33 of 36 measured, sometimes all.)
     collector.set_conditions(Conditions(latency=0.05))
-    tracked = run_lambda_environment(collector, "bare")
+    tracked = run_lambda_environment(collector, "bare", CDP_UPLOAD_INTERVAL="5")
     time.sleep(0.5)
     ids = collector.message_ids()
-    assert len(ids) == len(set(ids)) and set(ids) < set(tracked), (len(ids), INVOCATIONS * PER_INVOCATION)
+    last = {f"i{INVOCATIONS - 1}-{j}" for j in range(PER_INVOCATION)}
+    assert len(ids) == len(set(ids)) and set(ids) <= set(tracked) - last, sorted(set(ids) & last)
 
 
 def test_flush_in_a_coroutine_stops_the_event_loop_while_it_waits(collector: Collector) -> None:
