@@ -263,3 +263,15 @@ def test_a_person_sees_progress(
         assert "2000/2000" in text and "rows/s" in text and "rejected=3" in text, text[-500:]
     else:
         assert "cdpmp import: p.jsonl: 2,000 / 2,000 rows" in text and "3 rejected" in text, text[-500:]
+
+
+@pytest.mark.servers
+def test_the_backfill_benchmark_counts_every_row() -> None:
+    from benchmarks.backfill import run
+
+    results = run(2_000, 0)
+    assert set(results) == {"official loop", "cdpmp track() loop", "cdpmp import"}
+    for name, row in results.items():
+        assert row["duplicates"] == 0 and row["answered_429"] == 0, (name, row)
+        if name.startswith("cdpmp"):
+            assert row["delivered"] == 2_000, (name, row)

@@ -6,7 +6,7 @@ Why these shapes:
 - **Batches filled by bytes** up to the API's 500 KB, not by a count: a backfill's rows
   are small, and a request's cost is mostly per request (the rate limit counts
   requests, not events).
-- **A bounded hand-off** (a queue of ``in_flight`` batches) between the reading thread
+- **A bounded hand-off** (one batch waiting, one per sender in flight) between the reading thread
   and the senders: memory stays flat whatever the file's size, and the reader waits
   when the endpoint is slower than the file.
 - **Pacing per request** with the token bucket the shared-mode uploader uses
@@ -74,7 +74,7 @@ class Sender:
         self.journal = journal
         self._rate = RequestRate(rate)
         self._rate_lock = threading.Lock()
-        self._queue: queue.Queue[Optional[Batch]] = queue.Queue(maxsize=in_flight)
+        self._queue: queue.Queue[Optional[Batch]] = queue.Queue(maxsize=1)
         self.failure: Optional[str] = None
         self.stopping = False  # interrupted: queued batches are left unacknowledged
         self.requests = 0
