@@ -275,3 +275,31 @@ def test_the_backfill_benchmark_counts_every_row() -> None:
         assert row["duplicates"] == 0 and row["answered_429"] == 0, (name, row)
         if name.startswith("cdpmp"):
             assert row["delivered"] == 2_000, (name, row)
+
+
+def test_stdin_with_a_checkpoint_resumes_by_line(tmp_path: Path, collector: Collector) -> None:
+    # stdin has no name beside which to keep a checkpoint: --checkpoint gives one, and a
+    # second run fed the same stream skips what the first acknowledged.
+    rows = "".join(
+        json.dumps({"type": "track", "userId": "u", "event": "E", "messageId": f"s-{n}"}) + "\n"
+        for n in range(50)
+    )
+    env = {**os.environ, "CDP_WRITE_KEY": collector.write_key, "CDP_ENDPOINT": collector.url}
+    command = [
+        sys.executable,
+        "-m",
+        "cdpmp",
+        "import",
+        "-",
+        "--checkpoint",
+        str(tmp_path / "cp"),
+        "--no-progress",
+    ]
+    for _ in range(2):
+        done = subprocess.run(
+            command, input=rows, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+    assert "-(resumed after line 50): read 0" in done.stderr.replace(" (", "("), done.stderr
+    assert sorted(collector.message_ids()) == sorted(f"s-{n}" for n in range(50))
+    assert not (tmp_path / "stdin.rejects.jsonl").exists()
