@@ -38,6 +38,7 @@ US_ENDPOINT = "https://cdp.customer.io"
 EU_ENDPOINT = "https://cdp-eu.customer.io"
 MODES = ("direct", "shared")
 REGION_KEY = re.compile(r"^(pk|sk)_(us|eu)_")
+_USERINFO_PASSWORD = re.compile(r"^([a-z]+://[^/@:]*:)[^/@]*@")
 
 OnError = Callable[[Exception, List[Dict[str, Any]]], None]
 
@@ -173,6 +174,12 @@ class Settings:
     @property
     def batch_url(self) -> str:
         return self.endpoint + "/v1/batch"
+
+    @property
+    def shown_url(self) -> str:
+        """``batch_url`` as logs and messages show it: a password in the endpoint
+        (``https://user:secret@proxy``) replaced by ``***``."""
+        return _USERINFO_PASSWORD.sub(r"\1***@", self.batch_url)
 
 
 @dataclasses.dataclass(frozen=True)

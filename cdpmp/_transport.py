@@ -132,7 +132,7 @@ class Transport:
         self._local_pool: Optional[urllib3.PoolManager] = None
 
     def __repr__(self) -> str:
-        return f"<Transport {self.settings.batch_url}>"  # never the headers: they hold the key
+        return f"<Transport {self.settings.shown_url}>"  # never the headers: they hold the key
 
     def _pool(self) -> urllib3.PoolManager:
         pid = os.getpid()
@@ -215,7 +215,7 @@ class Transport:
             log.log(
                 level,
                 "cdpmp: batch of %d event(s) to %s: %s in %.0f ms",
-                events, self.settings.batch_url, outcome, (time.monotonic() - started) * 1000,
+                events, self.settings.shown_url, outcome, (time.monotonic() - started) * 1000,
             )  # fmt: skip
         return attempt
 

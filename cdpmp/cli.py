@@ -113,12 +113,16 @@ def cmd_track(args: argparse.Namespace) -> int:
         raise UserError(f"no write key (use --write-key-file or {ENV['write_key']})")
     if not args.user_id and not args.anonymous_id:
         raise UserError("give --user-id or --anonymous-id")
+    if not args.event:
+        raise UserError("--event must not be empty")
     properties = None
     if args.properties:
         try:
             properties = json.loads(args.properties)
         except ValueError as exc:
             raise UserError(f"--properties is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise UserError("--properties is nested too deeply") from None
         if not isinstance(properties, dict):
             raise UserError(f"--properties must be a JSON object, got {type(properties).__name__}")
     if not args.timeout > 0:
@@ -143,14 +147,17 @@ def cmd_track(args: argparse.Namespace) -> int:
         )
     except CdpmpError as exc:
         raise UserError(str(exc)) from None
-    url = client.settings.batch_url
+    url = client.settings.shown_url
     print(f"sending to {url} (up to {args.timeout:g} s)", file=sys.stderr, flush=True)
     # The failure is reported below in command-line words; the library's own WARNING
     # lines speak to an app ("see stats()") and would only repeat it.
     logging.getLogger("cdpmp").setLevel(logging.ERROR)
-    ok, msg = client.track(
-        user_id=args.user_id, anonymous_id=args.anonymous_id, event=args.event, properties=properties
-    )
+    try:
+        ok, msg = client.track(
+            user_id=args.user_id, anonymous_id=args.anonymous_id, event=args.event, properties=properties
+        )
+    except CdpmpError as exc:  # e.g. --event "": the argument named, one line
+        raise UserError(str(exc).replace("event:", "--event:", 1)) from None
     if ok:
         print(f"sent: messageId={msg['messageId']}")
         return 0

@@ -109,6 +109,15 @@ def test_demo_in_shared_mode_leaves_no_ring_and_no_uploader(tmp_path: Path) -> N
             ["--event", "E", "--user-id", "u", "--write-key-file", "/nonexistent/key"],
             "cannot read --write-key-file /nonexistent/key: No such file or directory",
         ),
+        (["--event", "", "--user-id", "u"], "cdpmp track: --event must not be empty"),
+        (
+            ["--event", "E", "--user-id", "u", "--properties", '{"a":' * 5000 + "1" + "}" * 5000],
+            "cdpmp track: --properties is nested too deeply",
+        ),
+        (
+            ["--event", "E", "--user-id", "u", "--timeout", "1e10"],
+            "timeout: must be a finite number >= 0.001",
+        ),
     ],
     ids=[
         "no-user-id",
@@ -120,6 +129,9 @@ def test_demo_in_shared_mode_leaves_no_ring_and_no_uploader(tmp_path: Path) -> N
         "bad-timeout",
         "port-out-of-range",
         "missing-key-file",
+        "empty-event",
+        "deep-json",
+        "absurd-timeout",
     ],
 )
 def test_track_answers_each_mistake_with_one_line_and_status_2(args: list[str], message: str) -> None:
@@ -272,3 +284,10 @@ def test_collector_prints_one_whole_line_per_message_under_concurrent_requests()
     assert sorted(m["messageId"] for m in messages) == sorted(
         f"c{n}-{i}" for n in range(12) for i in range(150)
     )
+
+
+def test_track_never_echoes_a_password_in_the_endpoint() -> None:
+    out = _cdpmp("track", "--event", "E", "--user-id", "u", "--timeout", "0.3",
+                 "--endpoint", "http://bob:hunter2@127.0.0.1:1", env={"CDP_WRITE_KEY": "k"})  # fmt: skip
+    assert out.returncode == 1 and "http://bob:***@127.0.0.1:1/v1/batch" in out.stderr, out.stderr
+    assert "hunter2" not in out.stdout + out.stderr
