@@ -257,6 +257,7 @@ class Engine:
         return threading.Thread(target=self._run, name="cdpmp-sender", daemon=True)
 
     def _start(self, thread: threading.Thread) -> bool:
+        PROCESS.tell_if_serverless_unwrapped()
         try:
             thread.start()
             with self._cond:

@@ -29,9 +29,8 @@ Durations are seconds.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
-import functools
+import logging
 import os
 import sys
 import threading
@@ -65,6 +64,11 @@ class Member(Protocol):
     def _depth(self) -> int: ...
 
 
+#: Environment variables a serverless platform sets in its functions' processes:
+#: AWS Lambda, Google Cloud Functions (and Cloud Run functions), Azure Functions.
+SERVERLESS_ENV = ("AWS_LAMBDA_FUNCTION_NAME", "FUNCTION_TARGET", "FUNCTIONS_WORKER_RUNTIME")
+
+
 class ProcessState:
     """The one holder of process-wide state (see the module docstring)."""
 
@@ -88,6 +92,8 @@ class ProcessState:
         self._build_locks: Dict[int, threading.Lock] = {}
         self._locals: Dict[str, Any] = {}  # name -> this pid's object (see local())
         self._locals_pid = os.getpid()
+        self.serverless_wrapped = False  # a function was decorated with @handler
+        self._serverless_told = False
 
     def register(self, member: Member) -> None:
         with self._lock:
@@ -113,6 +119,24 @@ class ProcessState:
         already belongs to this pid, so server hooks may call it again."""
         for member in self.members():
             member._reset_after_fork()
+
+    def tell_if_serverless_unwrapped(self) -> None:
+        """At this process's first sender thread: on a serverless platform (its
+        environment says so) where no function was decorated with ``@handler``, say
+        once what the platform's freeze and reap will cost, and the line to add (a
+        Lambda without it delivered 27-33 of 36 events, silently)."""
+        if self._serverless_told or self.serverless_wrapped:
+            return
+        self._serverless_told = True
+        platform = next((name for name in SERVERLESS_ENV if os.environ.get(name)), None)
+        if platform is not None:
+            logging.getLogger("cdpmp").warning(
+                "cdpmp: %s is set, so this looks like a serverless function, and none is decorated: "
+                "events still queued when the platform freezes the process after an invocation are "
+                "late, and lost if it is reaped. Add 'from cdpmp.integrations.serverless import "
+                "handler' and '@handler' on the function",
+                platform,
+            )
 
     def disable_threads(self) -> None:
         """Make sinks deliver on the calling thread from now on."""
@@ -270,12 +294,6 @@ def _os_threads() -> int:
 
 
 PROCESS = ProcessState()
-
-
-async def off_loop(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` on the event loop's executor: blocking waits (flush, shutdown, the
-    exit drain) never block the loop; the awaitable API and the integrations use it."""
-    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args))
 
 
 def _after_fork_in_child() -> None:

@@ -12,7 +12,22 @@ import dataclasses
 import math
 from typing import Any
 
-from .errors import ConfigurationError, InvalidArgumentType
+from .errors import ConfigurationError, InvalidArgument, InvalidArgumentType
+
+#: The most any float option or wait may be: a day. Every float option is a duration
+#: or a rate; past this a value is a mistake (1e10 s overflows threading's waits and
+#: broke every call after it), and "forever" (inf) is no deadline.
+MAX_SECONDS = 86_400.0
+
+
+def duration(name: str, value: Any) -> float:
+    """A wait's ``timeout`` argument: 0 to :data:`MAX_SECONDS` seconds, or an error
+    naming it (a ``TypeError`` or ``ValueError`` subclass)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgumentType(name, "a number of seconds", value)
+    if not 0 <= value <= MAX_SECONDS:  # NaN fails too
+        raise InvalidArgument(name, f"must be 0 to {MAX_SECONDS:g} seconds, got {value!r}")
+    return float(value)
 
 
 def _as_bool(name: str, raw: str) -> bool:
@@ -52,8 +67,10 @@ def check_value(f: dataclasses.Field[Any], kind: Any, value: Any) -> Any:
         if kind is int and not isinstance(value, int):
             raise InvalidArgumentType(name, "an int", value)
         minimum = f.metadata["minimum"]
-        if not math.isfinite(value) or (minimum is not None and value < minimum):
-            raise ConfigurationError(name, f"must be a finite number >= {minimum}, got {value!r}")
+        too_big = kind is float and value > MAX_SECONDS
+        if not math.isfinite(value) or (minimum is not None and value < minimum) or too_big:
+            most = f" and <= {MAX_SECONDS:g}" if kind is float else ""
+            raise ConfigurationError(name, f"must be a finite number >= {minimum}{most}, got {value!r}")
         return kind(value)
     if kind is str:
         if not isinstance(value, str):

@@ -18,9 +18,9 @@ import threading
 import types
 from typing import Any, Dict, List, Optional, Tuple
 
+from ._offloop import off_loop
 from ._options import MODULE_SETTINGS
 from ._outcome import Stats
-from ._process import off_loop
 from ._version import __version__
 from .client import Client, Result
 from .errors import ConfigurationError
@@ -171,7 +171,7 @@ def shutdown(*args: Any, **kwargs: Any) -> bool:
 
 
 async def aflush(timeout: Optional[float] = None) -> bool:
-    """:func:`flush`, awaitable: the wait runs on the loop's executor, never on the
+    """:func:`flush`, awaitable: the wait runs on a thread of cdpmp's own, never on the
     event loop. A stubbed ``default_client`` gets ``flush`` as :func:`flush` gives it."""
     return await off_loop(flush, *([] if timeout is None else [timeout]))
 

@@ -11,6 +11,7 @@ logged (rate-limited) and reported to ``on_error``. Wrong argument types raise
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Dict, Optional, Tuple
 
 from ._coerce import Unencodable
@@ -25,6 +26,7 @@ from ._message import (
     serialize_sent,
     text,
 )
+from ._offloop import run_off_loop, sliced
 from ._options import (
     CLIENT_SIGNATURE,
     Settings,
@@ -32,8 +34,9 @@ from ._options import (
     resolve,
 )
 from ._outcome import DropReason, Ledger, Stats
-from ._process import PROCESS, off_loop
+from ._process import PROCESS
 from ._sink import Sink
+from ._validate import duration
 from ._version import LIBRARY_NAME, __version__
 from .errors import MessageRejected, MissingIdentity
 
@@ -318,7 +321,8 @@ class Client(OfficialSurface):
         (rate-limited) and the reason in ``stats()`` (``dropped``, ``last_error``,
         ``depth``); what is still queued stays queued."""
         return self._ledger.answer(
-            "flush", self._sink.flush(DEFAULT_FLUSH_TIMEOUT if timeout is None else timeout)
+            "flush",
+            self._sink.flush(DEFAULT_FLUSH_TIMEOUT if timeout is None else duration("timeout", timeout)),
         )
 
     def shutdown(self, timeout: Optional[float] = None) -> bool:
@@ -327,20 +331,33 @@ class Client(OfficialSurface):
         ``on_error``. A later call restarts the consumer. Returns as :meth:`flush` does.
         Every loss since the last shutdown is summed up in one WARNING line (the
         per-reason warnings at the time are rate-limited)."""
-        drained = self._sink.shutdown(DEFAULT_FLUSH_TIMEOUT if timeout is None else timeout)
+        drained = self._sink.shutdown(
+            DEFAULT_FLUSH_TIMEOUT if timeout is None else duration("timeout", timeout)
+        )
         if not PROCESS.draining_all:  # at exit, one line for the whole process
             self._ledger.report_losses()
             return self._ledger.answer("shutdown", drained)
         return drained and not self._ledger.given_up_since()
 
     async def aflush(self, timeout: Optional[float] = None) -> bool:
-        """:meth:`flush`, awaitable from ``async`` code: the wait runs on the loop's
-        executor, so the event loop keeps serving while events are delivered."""
-        return await off_loop(self.flush, timeout)
+        """:meth:`flush`, awaitable from ``async`` code: the wait runs on a thread of
+        cdpmp's own (never the loop's default executor), so the event loop keeps
+        serving while events are delivered; cancelled, it stops waiting (False)."""
+        wait = DEFAULT_FLUSH_TIMEOUT if timeout is None else duration("timeout", timeout)
+        return await run_off_loop(
+            lambda stop: self._ledger.answer("flush", sliced(self._sink.flush, wait, stop))
+        )
 
     async def ashutdown(self, timeout: Optional[float] = None) -> bool:
-        """:meth:`shutdown`, awaitable (see :meth:`aflush`)."""
-        return await off_loop(self.shutdown, timeout)
+        """:meth:`shutdown`, awaitable (see :meth:`aflush`); cancelled, it stops
+        waiting and leaves the client running."""
+        wait = DEFAULT_FLUSH_TIMEOUT if timeout is None else duration("timeout", timeout)
+
+        def work(stop: threading.Event) -> bool:
+            drained = sliced(self._sink.flush, wait, stop)
+            return False if stop.is_set() else self.shutdown(0.0) and drained
+
+        return await run_off_loop(work)
 
     def join(self, timeout: Optional[float] = None) -> bool:
         """The official client's ``join``: here the same as :meth:`shutdown` (it also

@@ -121,35 +121,30 @@ def test_a_fifo_in_place_of_a_runtime_file_is_refused_without_hanging(
         client.shutdown(timeout=5)
 
 
-def test_a_fifo_in_place_of_the_log_does_not_hang_track(runtime_dir: str, collector: Collector) -> None:
-    os.mkdir(runtime_dir, 0o700)
-    os.mkfifo(os.path.join(runtime_dir, "uploader.log"), 0o600)
-    client = _shared(collector)
-    try:
-        assert client.track("u", "E")[0]  # returns: the uploader cannot be started, said once
-        assert client.stats()["mode"] == "shared"
-    finally:
-        client.shutdown(timeout=1)
-
-
-def test_a_symlink_at_the_election_lock_never_truncates_its_target(
-    runtime_dir: str, collector: Collector, tmp_path: Path
+@pytest.mark.parametrize("planted", ["fifo-log", "symlink-lock"])
+def test_a_file_planted_where_the_uploader_goes_falls_back_to_direct_mode(
+    planted: str, runtime_dir: str, collector: Collector, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # No uploader could ever start there: events put in the ring would wait for one
+    # that never comes. The client says why, once, and sends them itself. A symlink's
+    # target is never touched.
     victim = tmp_path / "precious.txt"
     victim.write_text("keep me")
     os.mkdir(runtime_dir, 0o700)
-    os.symlink(victim, os.path.join(runtime_dir, "uploader.lock"))
-    client = _shared(collector)
+    if planted == "fifo-log":
+        os.mkfifo(os.path.join(runtime_dir, "uploader.log"), 0o600)
+    else:
+        os.symlink(victim, os.path.join(runtime_dir, "uploader.lock"))
+    with caplog.at_level(logging.WARNING, logger="cdpmp"):
+        client = _shared(collector)  # would block forever opening a FIFO
     try:
-        client.track("u", "E")
-        client.flush(timeout=3)
-        assert victim.read_text() == "keep me"
-        # No uploader is started against it; the producer says why (the app's log and
-        # the host's last_error, which `cdpmp stats` shows).
-        host = client.stats()["host"]
-        assert host is not None and "uploader.lock is a symlink" in (host["last_error"] or "")
+        assert client.stats()["mode"] == "direct"
+        name = "uploader.log is a FIFO" if planted == "fifo-log" else "uploader.lock is a symlink"
+        assert [r.getMessage() for r in caplog.records if name in r.getMessage()] != []
+        assert client.track("u", "E", message_id="m-1")[0] and client.flush(timeout=10)
+        assert collector.message_ids() == ["m-1"] and victim.read_text() == "keep me"
     finally:
-        client.shutdown(timeout=1)
+        client.shutdown(timeout=5)
 
 
 def test_a_directory_we_did_not_create_keeps_its_mode(

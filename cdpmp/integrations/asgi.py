@@ -41,7 +41,8 @@ import logging
 import traceback
 from typing import Any, Awaitable, Callable, MutableMapping, Optional, Set
 
-from .._process import PROCESS, off_loop
+from .._offloop import off_loop
+from .._process import PROCESS
 
 logger = logging.getLogger("cdpmp")
 

@@ -34,7 +34,9 @@ import inspect
 import logging
 from typing import Any, Callable, Optional, Tuple, TypeVar, overload
 
-from .._process import PROCESS, off_loop
+from .._offloop import off_loop
+from .._process import PROCESS
+from .._validate import duration
 
 logger = logging.getLogger("cdpmp")
 
@@ -79,10 +81,12 @@ def handler(*, timeout: Optional[float] = None, margin: float = MARGIN) -> Calla
 def handler(fn: Optional[F] = None, *, timeout: Optional[float] = None, margin: float = MARGIN) -> Any:
     """Flush every client when ``fn`` returns or raises (``@handler`` or
     ``@handler(timeout=2.0)``)."""
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))):
-        raise TypeError(f"timeout must be a number of seconds, got {type(timeout).__name__}")
+    if timeout is not None:
+        duration("timeout", timeout)  # inf or 1e10 would break every invocation's flush
+    duration("margin", margin)
 
     def decorate(fn: F) -> F:
+        PROCESS.serverless_wrapped = True  # no "none is decorated" line (see _process)
         if inspect.iscoroutinefunction(fn):
 
             @functools.wraps(fn)

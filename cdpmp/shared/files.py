@@ -182,9 +182,23 @@ def _entry(message: bytes) -> Any:
         return {"raw": base64.b64encode(message).decode()}
 
 
+#: Bytes ``uploader.log`` may reach: it lives on the ring's tmpfs, which a container
+#: may give 2 MiB in all. Past it the uploader drops lines (one notice says so); each
+#: uploader that starts keeps the last :data:`LOG_KEPT` bytes of an older, longer log.
+LOG_LIMIT = 256 << 10
+LOG_KEPT = 16 << 10
+
+
 def open_log(directory: str) -> int:
-    """The uploader's log file, opened for appending (0600)."""
-    return open_private(os.path.join(directory, UPLOADER_LOG), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    """The uploader's log file, opened for appending (0600), cut to its last
+    :data:`LOG_KEPT` bytes when a previous uploader left it at the limit."""
+    fd = open_private(os.path.join(directory, UPLOADER_LOG), os.O_RDWR | os.O_CREAT | os.O_APPEND)
+    size = os.fstat(fd).st_size
+    if size > LOG_LIMIT - LOG_KEPT:
+        tail = os.pread(fd, LOG_KEPT, size - LOG_KEPT)
+        os.ftruncate(fd, 0)
+        os.write(fd, b"(earlier lines cut)\n" + tail[tail.find(b"\n") + 1 :])
+    return fd
 
 
 def path(directory: str, name: str) -> str:

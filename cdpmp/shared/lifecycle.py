@@ -149,7 +149,7 @@ def preflight(directory: str) -> None:
             )
             raise RuntimeDirError(
                 f"{path} is a {kind} that is not a regular file of ours: no uploader can start "
-                "until it is removed; events wait in the ring"
+                "until it is removed"
             )
 
 

@@ -316,7 +316,17 @@ def _create_time(pid: int) -> float:
 def make_shared_sink(settings: Settings, ledger: Ledger) -> Optional[SharedSink]:
     """A SharedSink, or None (after one warning) when shared mode cannot work here."""
     try:
-        return SharedSink(settings, ledger)
+        sink = SharedSink(settings, ledger)
     except (RuntimeDirError, RingFormatError, OSError, ConfigurationError) as exc:
         logger.warning("cdpmp: shared mode unavailable (%s); using direct mode", exc)
         return None
+    try:
+        # A file planted where the uploader's lock or log goes means no uploader can
+        # ever start: events put in the ring would wait for one that never comes.
+        lifecycle.preflight(sink._dir)
+    except RuntimeDirError as exc:
+        if sink._ring is not None:
+            sink._ring.close()
+        logger.warning("cdpmp: shared mode unavailable (%s); using direct mode", exc)
+        return None
+    return sink

@@ -47,7 +47,7 @@ import psutil
 from .._options import host_settings
 from . import holding
 from .dispatch import POLL, Dispatch
-from .files import UPLOADER_LOCK, ensure_dir, open_private, path, runtime_dir
+from .files import LOG_LIMIT, UPLOADER_LOCK, ensure_dir, open_private, path, runtime_dir
 from .ring import Ring
 
 logger = logging.getLogger("cdpmp.uploader")
@@ -222,13 +222,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
 
 
-#: Bytes ``uploader.log`` may reach; later lines are dropped (one notice says so).
-LOG_LIMIT = 1 << 20
-
-
 class _CappedStderr(logging.StreamHandler):  # type: ignore[type-arg]
     """Logs to stderr; when stderr is a file (``uploader.log`` of an auto-started
-    uploader, on the same small tmpfs as the ring), stops writing at :data:`LOG_LIMIT`."""
+    uploader, on the same small tmpfs as the ring), stops writing at
+    :data:`~cdpmp.shared.files.LOG_LIMIT`."""
 
     def __init__(self) -> None:
         super().__init__(sys.stderr)
