@@ -2,7 +2,7 @@
 
 ``track()`` never blocks: it only queues, so it is safe to call from a coroutine. To
 wait for delivery, await ``analytics.aflush()`` / ``ashutdown()``: the waiting runs on
-the loop's executor, so the loop keeps serving meanwhile. (FastAPI and other ASGI apps
+a thread of cdpmp's own, so the loop keeps serving meanwhile. (FastAPI and other ASGI apps
 need only the ASGI line of the README; this is for asyncio code without a server.)
 
 Run: ``CDP_WRITE_KEY=... python examples/asyncio_app.py`` (``JOBS`` jobs, default 100).
