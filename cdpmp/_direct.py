@@ -274,7 +274,10 @@ class DirectSink:
             self._bytes -= _size(job.items) - sum(_size(h.items) for h in done.retry)
             if self._empty_locked():
                 self._urgent = False
+            close = self._retiring and not self._flying  # replaced: keep no idle socket
             self._idle.notify_all()
+        if close:
+            self.transport.close()
 
     def flush(self, timeout: float) -> bool:
         """Every wait is bounded by the deadline, lock acquisition included: flush() may

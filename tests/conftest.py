@@ -56,6 +56,7 @@ def _reset_facade() -> Iterator[None]:
         setattr(analytics, name, value)
     analytics.default_client = None
     analytics._retired.clear()
+    analytics._live.clear()
     analytics._built_from.clear()
 
 

@@ -142,3 +142,52 @@ def test_the_uploader_log_stays_small_whatever_was_left_before(tmp_path: Path) -
         sys.stderr = saved
     size = (folder / "uploader.log").stat().st_size
     assert files.LOG_LIMIT <= size < files.LOG_LIMIT + 200 and handler.suppressed > 0
+
+
+def _fds() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_switching_write_keys_in_an_outage_keeps_clients_and_sockets_bounded(collector: Collector) -> None:
+    # A multi-tenant app sets analytics.write_key per request: 1,000 switches among
+    # 1,000 keys while the endpoint answers 503. Before: 999 clients, 1,003 fds.
+    from cdpmp import analytics
+
+    collector.set_conditions(Conditions(outages=(Outage(0, 3600, 503),)))
+    analytics.endpoint, analytics.upload_interval = collector.url, 0.01
+    before = _fds()
+    peak = 0
+    for n in range(1000):
+        analytics.write_key = f"tenant-{n}"
+        assert analytics.track("u", "E", message_id=f"k-{n}")[0]
+        if n % 50 == 0:
+            peak = max(peak, _fds() - before)
+    live, retired = len(analytics._live), len(analytics._retired)
+    assert live <= analytics.MAX_LIVE and retired <= analytics.MAX_RETIRED
+    assert peak <= 40, peak  # the sender threads' sockets at most, not one per client
+    # Switching back to a recent key reuses its client: nothing new is built.
+    client = analytics.default_client
+    analytics.write_key = "tenant-998"
+    analytics.track("u", "E")
+    analytics.write_key = "tenant-999"
+    assert analytics._client() is client
+    collector.set_conditions(Conditions())
+    stats = [c.stats()["dropped"]["shutdown"] for c in analytics._retired]
+    assert sum(stats) == 0  # the retired ones still hold theirs
+
+
+def test_recent_tenants_are_delivered_once_the_endpoint_is_back(collector: Collector) -> None:
+    from cdpmp import analytics
+
+    analytics.endpoint, analytics.upload_interval = collector.url, 0.01
+    with Collector(write_key="t-b") as other:
+        for n in range(200):  # two tenants, alternating: both clients stay live
+            analytics.write_key, analytics.endpoint = (
+                (collector.write_key, collector.url) if n % 2 else ("t-b", other.url)
+            )
+            assert analytics.track("u", "E", message_id=f"a-{n}")[0]
+        assert len(analytics._live) == 2 and analytics._retired == []
+        assert analytics.flush(timeout=10)
+        assert sorted(collector.message_ids() + other.message_ids()) == sorted(f"a-{n}" for n in range(200))
