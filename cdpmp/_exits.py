@@ -22,8 +22,12 @@ The rules, and why:
   handler runs between two bytecodes of the main thread, which may hold a client's lock
   or the logging lock at that moment; waiting inline could deadlock the process instead
   of ending it. The thread is started with ``_thread.start_new_thread``, which takes no
-  lock of ``threading``'s (``Thread.start`` takes one the main thread may hold). A
-  second SIGTERM during the drain ends the process at once.
+  lock of ``threading``'s (``Thread.start`` takes one the main thread may hold). If
+  the signal interrupted cdpmp's own code (the engine's lock may be held by the very
+  thread that would wait), the handler does not wait: it returns so that the call can
+  end and let go, and the drain thread raises SIGTERM again once it is done (before:
+  7 of 10 such stops sent nothing and waited out ``exit_timeout``). A second SIGTERM
+  during the drain ends the process at once, with one line saying what it cost.
 * **Uvicorn** catches SIGTERM itself, stops gracefully, then restores the handler it
   found and raises the signal again. If that handler was ours (cdpmp imported before
   the server started, as in gunicorn's ``UvicornWorker``, where the gunicorn hook arms
@@ -119,13 +123,50 @@ def _budget() -> float:
     return own if cap is None else min(own, cap)
 
 
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _inside_cdpmp(frame: Any) -> bool:
+    """The interrupted thread was running cdpmp's own code (one of its locks may be
+    held there): a frame of the package, this module's excepted."""
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name.startswith(_PACKAGE) and name != __file__:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _queued() -> int:
+    """Events still queued in this process, read without taking a lock."""
+    try:
+        from ._process import PROCESS
+
+        return sum(member._depth() for member in PROCESS.members())
+    except Exception:  # noqa: BLE001 - a best-effort count for a last line
+        return -1
+
+
+def _say(text: str) -> None:
+    """One line on stderr without the logging module's lock (a signal handler may
+    have interrupted a thread holding it)."""
+    try:
+        os.write(2, f"cdpmp: {text}\n".encode())
+    except OSError:
+        pass
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
     drain = _state["drain"]
-    if _state["draining"] or drain is None:
-        _die(signum)  # a second SIGTERM: end now
+    if _state.get("finished") or drain is None:
+        _die(signum)  # the deferred drain is over (see below): end as SIGTERM would
+    if _state["draining"]:
+        _say(f"a second SIGTERM ended the drain at once: {_queued()} event(s) still queued are lost")
+        _die(signum)
     _state["draining"] = True
     budget = _budget()
     done = threading.Event()
+    deferred = _inside_cdpmp(frame)
 
     def run() -> None:
         try:
@@ -134,13 +175,24 @@ def _on_sigterm(signum: int, frame: Any) -> None:
             logger.exception("cdpmp: the SIGTERM drain failed")
         finally:
             done.set()
+            if deferred:
+                _state["finished"] = True
+                os.kill(os.getpid(), signum)  # the main thread's handler then dies of it
 
     try:
         _thread.start_new_thread(run, ())
     except RuntimeError:  # no thread can start (interpreter finalising)
         _die(signum)
+    if deferred:
+        # The signal landed inside cdpmp, maybe while this thread held the engine's or
+        # a queue's lock: waiting here would wait on ourselves until the deadline, with
+        # nothing sent. Return, so the interrupted call ends and lets go; the drain
+        # thread raises SIGTERM again when it is done.
+        return
     if not done.wait(budget + JOIN_SLACK):
-        logger.warning("cdpmp: SIGTERM: the drain did not end within %.1f s; exiting", budget)
+        _say(
+            f"SIGTERM: the drain did not end within {budget:.1f} s: {_queued()} event(s) still queued are lost"
+        )
     _die(signum)
 
 

@@ -82,6 +82,7 @@ class ProcessState:
         self._hooked_pid = -1  # the last child in which the at-fork hook ran
         self._hookless: Dict[int, bool] = {}  # pid -> threads may start (see may_start_thread)
         self.draining_all = False  # drain_all() is shutting every client down
+        self.exiting_pid = -1  # the pid whose exit drain began (see drain_all)
         # False when the host runs no background threads (uWSGI without
         # enable-threads): sinks then send due batches on the calling thread.
         self.threads_available = True
@@ -200,7 +201,7 @@ class ProcessState:
     def ensure_exit_hook(self) -> None:
         if not self._exit_hook:
             self._exit_hook = True
-            atexit.register(self.drain_all)
+            atexit.register(self.exit_drain)
         if self._armed_pid != os.getpid():
             self.arm()
 
@@ -214,7 +215,7 @@ class ProcessState:
             from .integrations import celery  # connects its signals; celery is loaded already
 
             celery.connect()
-        if _exits.arm(self.drain_all, self.exit_budget, cap):
+        if _exits.arm(self.exit_drain, self.exit_budget, cap):
             self._armed_pid = pid
 
     def exit_budget(self) -> float:
@@ -253,6 +254,14 @@ class ProcessState:
             time.sleep(0.001)
         return stopped
 
+    def exit_drain(self, timeout: Optional[float] = None) -> bool:
+        """:meth:`drain_all` as this process ends (``atexit``, the SIGTERM drain): from
+        here on, events tracked in this pid are refused and counted, never queued to
+        be lost unseen. (A server's stop hook calls :meth:`drain_all`: an in-process
+        ASGI lifespan, as a test client runs it, may start again.)"""
+        self.exiting_pid = os.getpid()
+        return self.drain_all(timeout)
+
     def drain_all(self, timeout: Optional[float] = None) -> bool:
         """Shut down every live member of this process, sharing one deadline.
 
@@ -262,6 +271,8 @@ class ProcessState:
         drained = True
         start = time.monotonic()
         members = self.members()
+        # The drain works on what is queued now: events other threads track meanwhile
+        # are refused (counted as lost at shutdown), or they could extend it forever.
         self.draining_all = True  # clients leave the loss report to the line below
         try:
             for member in members:

@@ -145,6 +145,67 @@ def test_a_second_sigterm_during_the_drain_ends_the_process_at_once(collector: C
         _script(collector), {"CDP_EXIT_TIMEOUT": "60"}, [signal.SIGTERM, signal.SIGTERM]
     )
     assert done.returncode == -signal.SIGTERM, done.stderr[-2000:]
+    # What it cost, in one line (the 500 events the endpoint was still holding).
+    assert "a second SIGTERM ended the drain at once: 500 event(s) still queued are lost" in done.stderr
+
+
+def test_a_sigterm_landing_inside_the_engines_lock_still_drains(collector: Collector) -> None:
+    # The instant made deterministic: the main thread holds the engine's lock when the
+    # signal arrives (as when it lands in track() activating a sender). Waiting in the
+    # handler would wait on that lock: before, nothing was sent until exit_timeout.
+    inside = (
+        "from cdpmp._engine import engine\n"
+        "wake = engine()._wake_locked\n"
+        "def signalled():\n"
+        "    engine()._wake_locked = wake  # once\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    sum(range(1000))  # the handler runs here, inside activate(), its lock held\n"
+        "    return wake()\n"
+        "engine()._wake_locked = signalled\n"
+        "analytics.flush(0.1)  # asks the engine for a sender: activate()\n"
+    )
+    script = _script(collector).replace("time.sleep(60)", inside + "time.sleep(60)")
+    done = _run_until_signalled(script, {"CDP_EXIT_TIMEOUT": "20"}, [])
+    assert done.returncode == -signal.SIGTERM, done.stderr[-2000:]
+    assert sorted(collector.message_ids()) == sorted(_ids(EVENTS)), done.stderr[-2000:]
+    assert "did not end" not in done.stderr
+
+
+def test_exit_under_load_drains_what_was_queued_and_counts_what_came_after(
+    collector: Collector, tmp_path: Path
+) -> None:
+    # Eight threads keep tracking while SIGTERM's drain runs: it works on what was
+    # queued when it began; what they track afterwards is refused and counted (each
+    # accepted id is written down first, so the test knows what was promised).
+    accepted = tmp_path / "accepted"
+    collector.set_conditions(Conditions(latency=0.05))
+    load_script = textwrap.dedent(f"""
+        import os, signal, sys, threading, time
+        from cdpmp import analytics
+        analytics.write_key, analytics.endpoint = {collector.write_key!r}, {collector.url!r}
+        out = open({str(accepted)!r}, "a", buffering=1)
+        lock = threading.Lock()
+        def worker(w):
+            n = 0
+            while True:
+                ok, msg = analytics.track(user_id="u", event="E", message_id=f"w{{w}}-{{n}}")
+                if ok:
+                    with lock:
+                        out.write(msg["messageId"] + "\\n")
+                n += 1
+                time.sleep(0.005)
+        for w in range(8):
+            threading.Thread(target=worker, args=(w,), daemon=True).start()
+        time.sleep(1.0)
+        print("ready", flush=True)
+        time.sleep(60)
+    """)
+    done = _run_until_signalled(load_script, {"CDP_EXIT_TIMEOUT": "20"}, [signal.SIGTERM])
+    assert done.returncode == -signal.SIGTERM, done.stderr[-2000:]
+    promised = set(accepted.read_text().split())
+    assert promised and set(collector.message_ids()) == promised, done.stderr[-2000:]
+    assert len(collector.message_ids()) == len(promised)
+    assert "shutdown" in done.stderr and "did not end" not in done.stderr, done.stderr[-2000:]
 
 
 @pytest.mark.servers
