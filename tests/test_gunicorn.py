@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -26,6 +27,7 @@ from tests.servers import (
     free_port,
     gunicorn_command,
     load,
+    server_env,
     start_server,
 )
 
@@ -180,3 +182,32 @@ def test_shared_mode_preload_recycling_then_sigterm(
     assert len(seen) == 1  # one uploader the whole time, across every worker recycle
     assert uploader_processes(runtime_dir) == []  # on_exit stopped it
     assert_exactly_once(collector, ok, 2, import_events=1)
+
+
+def test_shared_mode_stop_with_the_endpoint_down_says_no_loss_and_loses_nothing(
+    tmp_path: Path, collector: Collector, runtime_dir: str
+) -> None:
+    # The events are in the host's ring: a worker has nothing to drain, the uploader
+    # stops at its first failure instead of waiting out its deadline, and no line
+    # speaks of a loss. Once the endpoint is back, the next uploader sends them.
+    from cdpmp.testing import Conditions, Outage
+    from tests.conftest import uploader_processes
+
+    server = gunicorn(tmp_path, collector, CDP_MODE="shared", CDP_RUNTIME_DIR=runtime_dir)
+    collector.set_conditions(Conditions(outages=(Outage(0, 3600, 503),)))
+    ok = load(server.port, 100, k=1)
+    assert server.stop(signal.SIGTERM) == 0, server.output(5000)
+    output = server.output()
+    assert len(ok) == 100, output[-5000:]
+    assert [ln for ln in output.splitlines() if "cdpmp" in ln] == [], output[-5000:]
+    log = Path(runtime_dir, "uploader.log").read_text()
+    assert "the endpoint is failing at the stop" in log and "drain deadline passed" not in log, log[-3000:]
+    assert uploader_processes(runtime_dir) == [] and collector.message_ids() == []
+    collector.set_conditions(Conditions())
+    done = subprocess.run(  # the next producer of the host: it starts an uploader
+        [sys.executable, "-c", "import cdpmp; c = cdpmp.Client(mode='shared'); print(c.flush(30))"],
+        env=server_env(collector.url, collector.write_key, CDP_RUNTIME_DIR=runtime_dir),
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert collector.wait_for(100, timeout=30), done.stdout + done.stderr
+    assert_exactly_once(collector, ok, 1, import_events=0)

@@ -251,9 +251,12 @@ NO_UPLOADER = textwrap.dedent(
 
 
 @pytest.mark.parametrize("planted", ["lock-symlink", "log-fifo"])
-def test_when_no_uploader_can_start_the_producers_say_why(
+def test_when_no_uploader_can_start_the_producers_say_why_and_send_themselves(
     planted: str, runtime_dir: str, collector: Collector, tmp_path: Path
 ) -> None:
+    # A file planted where the uploader's lock or log goes: no uploader could ever
+    # start, so a producer says why and uses direct mode rather than queuing in a
+    # ring nobody reads. Once the operator removes it, shared mode works again.
     ensure_dir(runtime_dir)
     target = Path(runtime_dir, "uploader.lock" if planted == "lock-symlink" else "uploader.log")
     if planted == "lock-symlink":
@@ -267,18 +270,16 @@ def test_when_no_uploader_can_start_the_producers_say_why(
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
 
-    stuck = producer("stuck", 3)
-    assert json.loads(stuck.stdout.strip().splitlines()[-1]) == {"ok": True, "flushed": False}
-    assert "no uploader can start" in stuck.stderr and target.name in stuck.stderr, stuck.stderr
-    stats = subprocess.run(
-        [sys.executable, "-m", "cdpmp", "stats", "--json"], capture_output=True, text=True, timeout=60
-    )
-    assert "no uploader" in stats.stdout, stats
+    alone = producer("alone", 10)
+    assert json.loads(alone.stdout.strip().splitlines()[-1]) == {"ok": True, "flushed": True}, alone.stderr
+    assert "shared mode unavailable" in alone.stderr and target.name in alone.stderr, alone.stderr
+    assert "using direct mode" in alone.stderr and not (tmp_path / "elsewhere").exists()
     target.unlink()  # the operator removes it: the next producer's uploader sends all
     done = producer("after", 30)
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"ok": True, "flushed": True}, done.stderr
+    assert "shared mode unavailable" not in done.stderr
     assert collector.wait_for(10, timeout=20)
-    assert collector.unique_ids() == {f"{t}-{i}" for t in ("stuck", "after") for i in range(5)}
+    assert collector.unique_ids() == {f"{t}-{i}" for t in ("alone", "after") for i in range(5)}
 
 
 @pytest.mark.timeout(180)

@@ -70,6 +70,7 @@ class Dispatch:
         self._done: queue.SimpleQueue[Tuple[int, Held, Outcome, float, float]] = queue.SimpleQueue()
         self._backoff_until = 0.0
         self._failures = 0
+        self.failed_since_drain = False  # a request failed (retryable) since the drain began
         self._recount = False
         self._settled: Dict[int, int] = {}  # source -> records done, not yet uncounted
         self._jobs: Set[Held] = set()  # requests in progress
@@ -304,6 +305,7 @@ class Dispatch:
         if job.retries:
             self.ring.bump("retries")
         if done.error is not None:
+            self.failed_since_drain = True
             self.ring.set_error(str(done.error))
             logger.warning(
                 "cdpmp uploader: %s; keeping the batch, next probe in %.1fs", done.error, done.pause

@@ -258,7 +258,20 @@ class SharedSink:
             time.sleep(min(0.01, max(0.0, deadline - now)))
 
     def shutdown(self, timeout: float) -> bool:
-        return self.flush(timeout)  # queued events live in the ring, not in this process
+        """Queued events live in the ring, not in this process: an app's own
+        ``shutdown()`` waits for their delivery as ``flush()`` does, but a process's
+        exit drain has nothing to wait for once the host has an uploader. (Before, a
+        gunicorn stop with the endpoint down waited out the grace period in every
+        worker, 32 s, and warned of a loss that never happened: 100 of 100 arrived.)"""
+        if PROCESS.draining_all:
+            ring = self._here()
+            try:
+                lifecycle.ensure(ring, self._dir)  # someone will send them
+            except OSError as exc:
+                self._ledger.log.warning("spawn", "cdpmp: cannot start the uploader: %s", exc)
+                return self.flush(timeout)
+            return True
+        return self.flush(timeout)
 
     def retire(self) -> None:
         """Queued events live in the ring: only release this process's handle."""

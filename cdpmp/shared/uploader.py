@@ -24,8 +24,9 @@ producers answer ``(False, msg)`` instead). A source whose endpoint fails does n
 delay the others: its lane backs off alone, and the scan reads past its backlog.
 
 Stop: SIGTERM/SIGINT → drain within ``CDP_UPLOADER_DRAIN_TIMEOUT`` seconds (default 20,
-below gunicorn's and Kubernetes' 30 s grace), then exit; what is left stays in the
-ring for the next uploader. Idle exit (auto-started uploaders only): the ring is empty
+below gunicorn's and Kubernetes' 30 s grace), or until a request fails (the endpoint
+is down: waiting would hold the stop for nothing), then exit; what is left stays in
+the ring for the next uploader. Idle exit (auto-started uploaders only): the ring is empty
 and no registered producer process is alive for ``CDP_UPLOADER_IDLE_EXIT`` seconds
 (default 60).
 """
@@ -167,10 +168,20 @@ class Uploader(Dispatch):
         deadline = time.monotonic() + self.drain_timeout
         self.stop.clear()
         self._backoff_until = 0.0
+        self.failed_since_drain = False
         while time.monotonic() < deadline:
             self.ring.heartbeat()
             head, tail, _ = self.ring.bounds()
             if head == tail and not self._flying:
+                return
+            if self.failed_since_drain and not self._flying:
+                # The endpoint fails now: waiting out the deadline would hold the stop
+                # (a gunicorn master, a deploy) for nothing. The records stay in the
+                # ring, durable, for the next uploader.
+                logger.warning(
+                    "cdpmp uploader: the endpoint is failing at the stop; %d record(s) stay in the ring",
+                    self.ring.bounds()[2],
+                )
                 return
             if not self._safe_cycle(draining=True, deadline=deadline):
                 self._pause(min(POLL, max(0.0, deadline - time.monotonic())))
