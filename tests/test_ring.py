@@ -272,3 +272,18 @@ def test_limits_follow_configuration_across_a_redeploy(runtime_dir: str, collect
         assert collector.wait_for(2500, timeout=60) and other.wait_for(300, timeout=60)
         assert collector.unique_ids() == set(first + second) and collector.duplicates() == {}
         assert other.unique_ids() == set(third) and other.duplicates() == {}
+
+
+def test_host_depth_counts_only_what_is_waiting_behind_a_held_record(directory: str) -> None:
+    # Source B's one record holds the head (its endpoint is down); A's 500 behind it
+    # were delivered. head cannot pass B's record, but depth is what waits: 1.
+    ring = Ring(directory, capacity=1 << 16, max_count=1000)
+    assert ring.put(2, b"b-0")
+    for n in range(500):
+        assert ring.put(1, b"a-%d" % n)
+    assert ring.counters()["depth"] == 501
+    holding.settle_counts(ring, {1: 500})  # the uploader delivered A's, not B's
+    stats = ring.counters()
+    assert stats["depth"] == 1 and ring.bounds()[2] == 501
+    assert {s["source"]: s["depth"] for s in stats["sources"]} == {f"{1:016x}": 0, f"{2:016x}": 1}
+    ring.close()

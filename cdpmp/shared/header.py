@@ -114,6 +114,13 @@ class RingHeader:
         pid, _, beat = self.uploader()
         error = bytes(self.mm[ERROR_AT : ERROR_AT + ERROR_LEN]).rstrip(b"\0").decode("utf-8", "replace")
         named = dict(zip(COUNTERS, values))
+        sources = self.sources()
+        if sources:
+            # What is really waiting: the sources' counts are settled at delivery, while
+            # ``count`` drops only when head passes, so records delivered behind a held
+            # one stayed in it (1,001 shown, 501 true). A source beyond the 64 slots has
+            # no count of its own: then ``count`` is all there is.
+            count = min(count, sum(held for _, held, _ in sources))
         return HostStats(
             accepted=named["accepted"],
             queue_full=named["queue_full"],
@@ -131,9 +138,7 @@ class RingHeader:
             bytes_used=tail - head,
             capacity=self.capacity,
             max_count=self.max_count,
-            sources=[
-                {"source": f"{sid:016x}", "depth": n, "limit": limit} for sid, n, limit in self.sources()
-            ],
+            sources=[{"source": f"{sid:016x}", "depth": n, "limit": limit} for sid, n, limit in sources],
             uploader_pid=pid or None,
             heartbeat_age=(time.time() - beat) if beat else None,
             last_error=error or None,
