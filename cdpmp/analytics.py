@@ -28,7 +28,7 @@ import time
 import types
 from typing import Any, Dict, List, Optional, Tuple
 
-from ._offloop import off_loop
+from ._offloop import off_loop, run_off_loop
 from ._options import MODULE_SETTINGS
 from ._outcome import Stats
 from ._validate import duration
@@ -154,7 +154,7 @@ def alias(*args: Any, **kwargs: Any) -> Result:
     return _client().alias(*args, **kwargs)
 
 
-def _each(method: str, timeout: Optional[float]) -> bool:
+def _each(method: str, timeout: Optional[float], stop: Optional[threading.Event] = None) -> bool:
     try:  # as the official module does, build the default client from the settings
         _client()
     except ConfigurationError:
@@ -165,7 +165,11 @@ def _each(method: str, timeout: Optional[float]) -> bool:
             clients.append(default_client)
     # One deadline for them all: each client's call gets what is left of it.
     deadline = time.monotonic() + (DEFAULT_FLUSH_TIMEOUT if timeout is None else duration("timeout", timeout))
-    done = all([getattr(c, method)(max(0.0, deadline - time.monotonic())) for c in clients])
+    if stop is None:
+        done = all([getattr(c, method)(max(0.0, deadline - time.monotonic())) for c in clients])
+    else:  # awaited: each wait in slices, ending once the caller is cancelled
+        until = "_flush_until" if method == "flush" else "_shutdown_until"
+        done = all([getattr(c, until)(max(0.0, deadline - time.monotonic()), stop) for c in clients])
     _retired[:] = [c for c in _retired if not c._retired()]
     return done
 
@@ -209,13 +213,18 @@ def shutdown(*args: Any, **kwargs: Any) -> bool:
 
 async def aflush(timeout: Optional[float] = None) -> bool:
     """:func:`flush`, awaitable: the wait runs on a thread of cdpmp's own, never on the
-    event loop. A stubbed ``default_client`` gets ``flush`` as :func:`flush` gives it."""
-    return await off_loop(flush, *([] if timeout is None else [timeout]))
+    event loop, and stops once the caller is cancelled. A stubbed ``default_client``
+    gets ``flush`` as :func:`flush` gives it."""
+    if _foreign() is not None:
+        return await off_loop(flush, *([] if timeout is None else [timeout]))
+    return await run_off_loop(lambda stop: _each("flush", timeout, stop))
 
 
 async def ashutdown(timeout: Optional[float] = None) -> bool:
     """:func:`shutdown`, awaitable (see :func:`aflush`)."""
-    return await off_loop(shutdown, *([] if timeout is None else [timeout]))
+    if _foreign() is not None:
+        return await off_loop(shutdown, *([] if timeout is None else [timeout]))
+    return await run_off_loop(lambda stop: _each("shutdown", timeout, stop))
 
 
 def stats() -> Stats:

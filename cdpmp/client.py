@@ -347,20 +347,22 @@ class Client(OfficialSurface):
         cdpmp's own (never the loop's default executor), so the event loop keeps
         serving while events are delivered; cancelled, it stops waiting (False)."""
         wait = DEFAULT_FLUSH_TIMEOUT if timeout is None else duration("timeout", timeout)
-        return await run_off_loop(
-            lambda stop: self._ledger.answer("flush", sliced(self._sink.flush, wait, stop))
-        )
+        return await run_off_loop(lambda stop: self._flush_until(wait, stop))
 
     async def ashutdown(self, timeout: Optional[float] = None) -> bool:
         """:meth:`shutdown`, awaitable (see :meth:`aflush`); cancelled, it stops
         waiting and leaves the client running."""
         wait = DEFAULT_FLUSH_TIMEOUT if timeout is None else duration("timeout", timeout)
+        return await run_off_loop(lambda stop: self._shutdown_until(wait, stop))
 
-        def work(stop: threading.Event) -> bool:
-            drained = sliced(self._sink.flush, wait, stop)
-            return False if stop.is_set() else self.shutdown(0.0) and drained
+    def _flush_until(self, timeout: float, stop: threading.Event) -> bool:
+        """:meth:`flush` in slices, ending early once ``stop`` is set (a cancelled await)."""
+        return self._ledger.answer("flush", sliced(self._sink.flush, timeout, stop))
 
-        return await run_off_loop(work)
+    def _shutdown_until(self, timeout: float, stop: threading.Event) -> bool:
+        """:meth:`shutdown` in slices; once ``stop`` is set, nothing is shut down."""
+        drained = sliced(self._sink.flush, timeout, stop)
+        return False if stop.is_set() else self.shutdown(0.0) and drained
 
     def join(self, timeout: Optional[float] = None) -> bool:
         """The official client's ``join``: here the same as :meth:`shutdown` (it also

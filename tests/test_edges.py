@@ -10,7 +10,7 @@ import math
 import threading
 import time
 from pathlib import Path
-from typing import List
+from typing import Any, List
 
 import pytest
 
@@ -53,14 +53,23 @@ def _waits() -> List[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "cdpmp-wait"]
 
 
+@pytest.mark.parametrize("caller", ["client", "module"])
 def test_aflush_during_an_outage_leaves_the_loops_executor_free_and_stops_when_cancelled(
-    collector: Collector,
+    caller: str, collector: Collector
 ) -> None:
     # The loop's default executor has ONE thread, as a busy app's effectively has:
     # twelve aflush() calls waiting out an outage there would hold it, and the app's
     # own getaddrinfo() (every asyncio connection) would wait behind them.
     collector.set_conditions(Conditions(outages=(Outage(0, 3600, 503),)))
-    client = cdpmp.Client(collector.write_key, endpoint=collector.url, upload_interval=0.05)
+    from cdpmp import analytics
+
+    client: Any = cdpmp.Client(collector.write_key, endpoint=collector.url, upload_interval=0.05)
+    if caller == "module":
+        client.shutdown(1)
+        analytics.write_key, analytics.endpoint, analytics.upload_interval = (
+            collector.write_key, collector.url, 0.05
+        )  # fmt: skip
+        client = analytics
 
     async def main() -> None:
         asyncio.get_running_loop().set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=1))
