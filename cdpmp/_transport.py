@@ -110,10 +110,15 @@ class Transport:
     environment for proxies on every call. Proxies are resolved once, at construction.
     """
 
-    def __init__(self, settings: Settings, announce: bool = False) -> None:
+    def __init__(
+        self, settings: Settings, announce: bool = False, pid: Callable[[], int] = os.getpid
+    ) -> None:
         """``announce``: log each batch at INFO whatever the loggers' levels (the
-        shared-mode uploader, for a source with ``debug`` on: its log is the user's view)."""
+        shared-mode uploader, for a source with ``debug`` on: its log is the user's view).
+        ``pid``: this process's identity as the pool reads it (tests play a fork with
+        it, as prometheus_client's ``values.py`` takes a ``pidFunc``)."""
         self.settings = settings
+        self._getpid = pid
         self._announce = announce
         self.policy = RetryPolicy(max_retries=settings.max_retries, budget=settings.retry_budget)
         if settings.bearer:
@@ -135,7 +140,7 @@ class Transport:
         return f"<Transport {self.settings.shown_url}>"  # never the headers: they hold the key
 
     def _pool(self) -> urllib3.PoolManager:
-        pid = os.getpid()
+        pid = self._getpid()
         if self._pid != pid or self._local_pool is None:
             # One connection per request the lane may have in flight: a smaller pool
             # discards (and re-opens) connections ("Connection pool is full").
@@ -155,7 +160,7 @@ class Transport:
     def close(self) -> None:
         """Close this process's sockets (the pool is rebuilt if used again)."""
         pool = self._local_pool
-        if pool is not None and self._pid == os.getpid():
+        if pool is not None and self._pid == self._getpid():
             self._local_pool = None
             pool.clear()
 
