@@ -62,7 +62,7 @@ Drain = Callable[[Optional[float]], bool]
 Budget = Callable[[], float]
 JOIN_SLACK = 1.0  # seconds past the drain budget the handler waits for its thread
 
-_state: Dict[str, Any] = {"drain": None, "budget": None, "cap": None, "draining": False}
+_state: Dict[str, Any] = {"drain": None, "budget": None, "cap": None, "draining": False, "queued": None}
 
 
 def enabled() -> bool:
@@ -89,12 +89,17 @@ def _c_level_default(signum: int) -> bool:
         return True
 
 
-def arm(drain: Drain, budget: Budget, cap: Optional[float] = None) -> bool:
+def arm(
+    drain: Drain, budget: Budget, cap: Optional[float] = None, queued: Optional[Callable[[], int]] = None
+) -> bool:
     """Drain at SIGTERM where it would otherwise kill this process untouched (see the
     module docstring). ``drain(seconds)`` shuts every client down within that time;
     ``budget()`` is how long it may take (the clients' ``exit_timeout``), ``cap`` bounds
-    it (a server's grace period). True when our handler is in place."""
+    it (a server's grace period); ``queued()`` counts what is still queued, without a
+    lock (for the line of a drain cut short). True when our handler is in place."""
     _state["drain"], _state["budget"] = drain, budget
+    if queued is not None:
+        _state["queued"] = queued
     if cap is not None:
         _state["cap"] = cap
     if not enabled() or not hasattr(signal, "SIGTERM"):
@@ -138,11 +143,10 @@ def _inside_cdpmp(frame: Any) -> bool:
 
 
 def _queued() -> int:
-    """Events still queued in this process, read without taking a lock."""
+    """Events still queued in this process (``arm``'s ``queued``), or -1."""
+    queued = _state["queued"]
     try:
-        from ._process import PROCESS
-
-        return sum(member._depth() for member in PROCESS.members())
+        return int(queued()) if queued is not None else -1
     except Exception:  # noqa: BLE001 - a best-effort count for a last line
         return -1
 

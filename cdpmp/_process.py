@@ -212,11 +212,15 @@ class ProcessState:
         pid = os.getpid()
         if self._celery_pid != pid and "celery" in sys.modules:
             self._celery_pid = pid
-            from .integrations import celery  # connects its signals; celery is loaded already
+            from . import _celery_signals  # celery is loaded already: no import cost
 
-            celery.connect()
-        if _exits.arm(self.exit_drain, self.exit_budget, cap):
+            _celery_signals.connect(self)
+        if _exits.arm(self.exit_drain, self.exit_budget, cap, self.queued):
             self._armed_pid = pid
+
+    def queued(self) -> int:
+        """Events still queued by this process's members (their lock-free depth)."""
+        return sum(member._depth() for member in self.members())
 
     def exit_budget(self) -> float:
         """Seconds the exit drain may take: the longest ``exit_timeout`` of a member."""

@@ -18,10 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from . import __version__
 from ._options import ENV
-
-
-class UserError(Exception):
-    """A mistake on the command line: one line on stderr, exit status 2."""
+from ._usage import UserError
 
 
 def _read_key(args: argparse.Namespace) -> Optional[str]:

@@ -51,3 +51,56 @@ def test_importing_cdpmp_loads_no_transport_and_direct_mode_no_shared_package() 
         "import cdpmp\nc = cdpmp.Client('k', endpoint='http://127.0.0.1:9', send=False)\nc.track('u', 'E')"
     )
     assert [m for m in _modules_after(direct) if m.startswith("cdpmp.shared")] == []
+
+
+def _runtime_imports() -> dict[str, set[str]]:
+    """cdpmp's modules and the cdpmp modules each imports at run time (function-level
+    imports included; ``if TYPE_CHECKING:`` blocks left out)."""
+    import ast
+
+    root = ROOT / "cdpmp"
+    mods = {}
+    for path in root.rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+        mods[name.removesuffix(".__init__")] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        tree = ast.parse(path.read_text())
+        skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                for n in ast.walk(node)}  # fmt: skip
+        deps: set[str] = set()
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            if isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name in mods)
+            elif isinstance(node, ast.ImportFrom):
+                base = package[: len(package) - node.level + 1] if node.level else []
+                module = ".".join(base + ([node.module] if node.module else []))
+                for alias in node.names:
+                    target = f"{module}.{alias.name}"
+                    deps.add(target if target in mods else module)
+        graph[name] = {d for d in deps if d in mods and d != name}
+    return graph
+
+
+def test_no_import_circle_and_no_arrow_from_the_core_up_to_the_integrations() -> None:
+    graph = _runtime_imports()
+    core = [m for m in graph if m.count(".") == 1 and m.split(".")[1].startswith("_")] + ["cdpmp.client"]
+    assert {m: sorted(d for d in graph[m] if ".integrations" in d) for m in core} == {m: [] for m in core}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        for dep in graph[start] - seen:
+            seen.add(dep)
+            if dep == goal or reaches(dep, goal, seen):
+                return True
+        return False
+
+    # A package's __init__ importing its own modules is no circle: leave packages out.
+    circles = [
+        m
+        for m in graph
+        if not (ROOT / (m.replace(".", "/") + "/__init__.py")).exists() and reaches(m, m, set())
+    ]
+    assert circles == []

@@ -56,7 +56,7 @@ def _interrupt(signum: int, frame: Optional[FrameType]) -> None:
 
 
 def run(args: argparse.Namespace, read_key: Callable[[argparse.Namespace], Optional[str]]) -> int:
-    from ..cli import UserError
+    from .._usage import UserError
     from ..errors import CdpmpError
     from . import CheckpointMismatch, import_files
 

@@ -17,28 +17,13 @@ mode; shared mode keeps it.
 
 from __future__ import annotations
 
-from typing import Any
-
+from .._celery_signals import connect as _connect
 from .._process import PROCESS
-
-_UID = "cdpmp-integration"
-
-
-def _on_process_init(**_: Any) -> None:
-    PROCESS.reset_in_child()
-
-
-def _on_shutdown(**_: Any) -> None:
-    PROCESS.drain_all()
 
 
 def connect() -> None:
     """Connect the three signals (idempotent)."""
-    from celery import signals
-
-    signals.worker_process_init.connect(_on_process_init, weak=False, dispatch_uid=_UID + "-init")
-    signals.worker_process_shutdown.connect(_on_shutdown, weak=False, dispatch_uid=_UID + "-pshutdown")
-    signals.worker_shutdown.connect(_on_shutdown, weak=False, dispatch_uid=_UID + "-shutdown")
+    _connect(PROCESS)
 
 
 connect()
