@@ -27,7 +27,7 @@ import time
 from typing import Callable, Deque, List, Optional, Set, Tuple
 
 from ._engine import Held, Lane, backlogged, deliver, engine, settle, take_batch
-from ._handoff import send_later
+from ._handoff import drain_inline, hand_off
 from ._options import Settings
 from ._outcome import HostStats, Ledger
 from ._process import PROCESS
@@ -175,9 +175,9 @@ class DirectSink:
             if engine().activate(self):
                 return None
             inline = due  # no thread can start (the interpreter is shutting down)
-        if inline and not self._drain_inline(PROCESS.inline_deadline(settings.timeout), True):
+        if inline and not drain_inline(self, PROCESS.inline_deadline(settings.timeout), True):
             PROCESS.ensure_exit_hook()  # exit then drains inline
-            self._hand_off()  # no consumer can run here, and the due batch failed
+            hand_off(self)  # no consumer can run here, and the due batch failed
         return None
 
     # -- the engine's side (a feeder) ----------------------------------------------------
@@ -294,7 +294,7 @@ class DirectSink:
         finally:
             self._lock.release()
         if not PROCESS.may_start_thread() or not engine().activate(self):
-            return self._drain_inline(deadline, hold_back=False)
+            return drain_inline(self, deadline, hold_back=False)
         return self._await(self._empty_locked, deadline)
 
     def _await(self, done: Callable[[], bool], deadline: float) -> bool:
@@ -310,34 +310,6 @@ class DirectSink:
         finally:
             self._idle.release()
         return True
-
-    def _drain_inline(self, deadline: float, hold_back: bool) -> bool:
-        """Send on the calling thread (no sender thread runs here), one request at a
-        time. ``hold_back``: return at once while backed off (a request must not sleep)."""
-        while True:
-            now = time.monotonic()
-            with self._lock:
-                if not self._queue and not self._held:
-                    return self._in_flight == 0
-                pause = self._lane.wait(now)
-                job = None if pause or now >= deadline else self._next_job_locked(now, force=True)
-            if job is not None:
-                self._run_job(job, deadline)
-                continue
-            if hold_back or now + pause >= deadline:
-                return False
-            time.sleep(pause)
-
-    def _hand_off(self) -> None:
-        if not PROCESS.threadless_here():  # a master running no Python after boot hands off
-            return  # (elsewhere the batch stays held: no lock taken on this failing path)
-        with self._lock:
-            items = self._take_everything_locked()
-        if items and not send_later(self._settings, self._ledger, items):
-            with self._lock:  # shared mode unavailable: keep them, try at the next call
-                self._queue.extend(items)
-                self._queued_bytes += sum(len(m) + 1 for m in items)
-                self._bytes += _size(items)
 
     def _take_everything_locked(self) -> List[bytes]:
         """Empty the held batches and the queue; their messages, oldest first."""
