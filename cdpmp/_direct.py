@@ -31,7 +31,6 @@ from ._handoff import drain_inline, hand_off
 from ._options import Settings
 from ._outcome import HostStats, Ledger
 from ._process import PROCESS
-from ._retry import RetryPolicy
 from ._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES, Transport
 from .errors import DeliveryError, MessageRejected, ShutdownAbandoned
 
@@ -52,7 +51,7 @@ class DirectSink:
         self._settings = settings
         self._ledger = ledger
         self.transport = Transport(settings)
-        self.policy = RetryPolicy(max_retries=settings.max_retries, budget=settings.retry_budget)
+        self.policy = self.transport.policy  # one policy per client, its transport's
         self._init_process_state()
 
     def _init_process_state(self) -> None:  # fresh locks: never one inherited mid-acquire

@@ -181,7 +181,10 @@ def _on_sigterm(signum: int, frame: Any) -> None:
             done.set()
             if deferred:
                 _state["finished"] = True
-                os.kill(os.getpid(), signum)  # the main thread's handler then dies of it
+                # To the main thread itself: a process-wide kill may be delivered to this
+                # thread, and a main thread asleep in C would then not wake to run the
+                # handler (CI saw it sleep on, everything delivered, for 40 s).
+                signal.pthread_kill(threading.main_thread().ident or 0, signum)
 
     try:
         _thread.start_new_thread(run, ())

@@ -23,7 +23,10 @@ import dataclasses
 import email.utils
 import random
 import time
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
+
+if TYPE_CHECKING:
+    from ._options import Settings
 
 
 def parse_retry_after(raw: Optional[str]) -> Optional[float]:
@@ -55,6 +58,12 @@ class RetryPolicy:
     backoff_cap: float = 8.0
     max_retry_after: float = 30.0
     rand: Callable[[], float] = dataclasses.field(default=random.random, compare=False)
+
+    @classmethod
+    def of(cls, settings: Settings) -> RetryPolicy:
+        """The policy a client's settings ask for (``max_retries``, ``retry_budget``):
+        built once, by its transport; the lanes that hold its batches share it."""
+        return cls(max_retries=settings.max_retries, budget=settings.retry_budget)
 
     def delay(self, attempt: int, retry_after: Optional[float] = None) -> float:
         """Seconds before retry number ``attempt``: the backoff, or ``Retry-After`` when

@@ -120,7 +120,7 @@ class Transport:
         self.settings = settings
         self._getpid = pid
         self._announce = announce
-        self.policy = RetryPolicy(max_retries=settings.max_retries, budget=settings.retry_budget)
+        self.policy = RetryPolicy.of(settings)
         if settings.bearer:
             auth = "Bearer " + settings.write_key
         else:

@@ -37,6 +37,9 @@ from .files import append_dead_letter, read_sources
 from .layout import CORRUPT, Record
 from .ring import Ring
 
+#: Backoff after an internal error in a pass of the loop (not an endpoint's answer).
+_AFTER_A_BUG = RetryPolicy(backoff_cap=5.0)
+
 logger = logging.getLogger("cdpmp.uploader")
 
 POLL = 0.05  # seconds between ring polls while there is work
@@ -89,9 +92,8 @@ class Dispatch:
                 logger.warning("cdpmp uploader: ignoring an invalid source entry %s", key)
                 continue
             self._sources[sid] = settings
-            self._transports[sid] = Transport(settings, announce=settings.debug)
-            policy = RetryPolicy(max_retries=settings.max_retries, budget=settings.retry_budget)
-            self._lanes[sid] = Lane(settings.max_in_flight, policy)
+            transport = self._transports[sid] = Transport(settings, announce=settings.debug)
+            self._lanes[sid] = Lane(settings.max_in_flight, transport.policy)
 
     def _pause(self, seconds: float) -> None:
         """Wait for a finished request (handled at once) or ``seconds``."""
@@ -110,7 +112,7 @@ class Dispatch:
         except Exception as exc:  # noqa: BLE001 - logged as an internal error, then backed off
             self.ring.set_error(str(internal_error("the uploader", exc)))
             self._failures += 1
-            self._backoff_until = time.monotonic() + RetryPolicy(backoff_cap=5.0).delay(self._failures)
+            self._backoff_until = time.monotonic() + _AFTER_A_BUG.delay(self._failures)
             return False
 
     def _cycle(self, draining: bool, deadline: Optional[float] = None) -> bool:

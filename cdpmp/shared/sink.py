@@ -34,6 +34,7 @@ from typing import Optional, Tuple
 
 import psutil
 
+from .._engine import IDLE_EXIT
 from .._options import Settings, host_settings, source_entry
 from .._outcome import HostStats, Ledger
 from .._process import PROCESS
@@ -46,7 +47,9 @@ from .ring import Ring
 logger = logging.getLogger("cdpmp")
 
 CHECK_EVERY = 1.0  # seconds between a producer's liveness checks
-WATCH_IDLE_EXIT = 10.0  # seconds of an empty ring after which the watch thread exits
+#: Seconds of an empty ring after which the watch thread exits: the engine's sender
+#: threads' own idle exit, one rule for every thread cdpmp starts.
+WATCH_IDLE_EXIT = IDLE_EXIT
 
 
 def source_id(settings: Settings) -> int:
