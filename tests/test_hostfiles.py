@@ -386,3 +386,26 @@ def test_a_sidecar_uploader_in_its_own_pid_namespace(runtime_dir: str, collector
     finally:
         sidecar.kill()
         sidecar.wait(10)
+
+
+def test_a_removed_ring_is_carried_into_its_own_directory_not_the_one_the_environment_names_now(
+    runtime_dir: str, collector: Collector, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The endpoint is down, so the events stay in the ring; the ring file is removed,
+    # and meanwhile CDP_RUNTIME_DIR names another host directory (a test harness, an
+    # app reconfigured). The carried events belong to the sink's own directory.
+    collector.set_conditions(Conditions(outages=(Outage(0, 600, 503),)))
+    client = _shared(collector)
+    try:
+        ids = _track(client, "c", 5)
+        elsewhere = str(tmp_path / "elsewhere")
+        monkeypatch.setenv("CDP_RUNTIME_DIR", elsewhere)
+        os.unlink(os.path.join(runtime_dir, "ring"))
+        client.flush(timeout=0.5)  # notices the replaced ring and carries over
+        assert not os.path.exists(elsewhere)
+        assert os.path.exists(os.path.join(runtime_dir, "ring"))
+        collector.set_conditions(Conditions())
+        assert client.flush(timeout=20)
+        assert sorted(collector.message_ids()) == sorted(ids)
+    finally:
+        client.shutdown(timeout=5)

@@ -40,7 +40,7 @@ from .._outcome import HostStats, Ledger
 from .._process import PROCESS
 from ..errors import ConfigurationError, DeliveryError, MessageRejected
 from . import lifecycle, notices
-from .files import UPLOADER_LOG, RuntimeDirError, read_sources, runtime_dir, write_source
+from .files import UPLOADER_LOG, RuntimeDirError, ensure_dir, read_sources, runtime_dir, write_source
 from .layout import RingBusy, RingFormatError
 from .ring import Ring
 
@@ -60,8 +60,9 @@ def source_id(settings: Settings) -> int:
     return int.from_bytes(hashlib.blake2b(entry, digest_size=8).digest(), "little") or 1
 
 
-def open_ring(settings: Settings) -> Tuple[Ring, str]:
-    directory = runtime_dir()
+def open_ring(settings: Settings, directory: Optional[str] = None) -> Tuple[Ring, str]:
+    """The host's ring: in ``directory``, else where the environment says now."""
+    directory = runtime_dir() if directory is None else ensure_dir(directory)
     capacity = host_settings().ring_bytes
     return Ring(directory, capacity=capacity, max_count=settings.max_queue_size), directory
 
@@ -209,7 +210,10 @@ class SharedSink:
         The new ring is opened before anything is taken: if it cannot be, the old one
         keeps its records (and this process keeps using it)."""
         try:
-            ring, directory = open_ring(self._settings)
+            # The directory this sink has used, not the environment's now: a process
+            # whose CDP_RUNTIME_DIR changed since (a test harness, an app reconfigured)
+            # must not carry one host's events into another's ring.
+            ring, directory = open_ring(self._settings, self._dir)
         except (RuntimeDirError, RingFormatError, OSError) as exc:
             self._ledger.log.warning("replaced", "cdpmp: the shared-mode ring was removed: %s", exc)
             return old
