@@ -39,7 +39,8 @@ logger = logging.getLogger("cdpmp")
 
 MAX_MESSAGE_BYTES = 32 * 1024
 _OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME
-_MAX_DEPTH = 200  # orjson refuses > 254 levels; leave room for the envelope
+MAX_DEPTH = 200  # orjson refuses > 254 levels; leave room for the envelope
+_MAX_DEPTH = MAX_DEPTH
 # Every node is at least one byte of JSON plus a separator: more nodes than this
 # cannot fit in a 32 KiB message, so the walk stops there.
 _MAX_NODES = MAX_MESSAGE_BYTES

@@ -17,6 +17,7 @@ import urllib.parse
 from typing import Any, Dict, List, Optional, Sequence
 
 from . import __version__
+from ._message import MAX_DEPTH
 from ._options import ENV
 from ._usage import UserError
 
@@ -101,6 +102,19 @@ def cmd_collector(args: argparse.Namespace) -> int:
     return 0
 
 
+def _depth(value: Any) -> int:
+    """Nesting depth of decoded JSON, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        if isinstance(node, dict):
+            stack.extend((v, level + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, level + 1) for v in node)
+    return deepest
+
+
 def cmd_track(args: argparse.Namespace) -> int:
     from .client import Client
     from .errors import CdpmpError
@@ -118,8 +132,10 @@ def cmd_track(args: argparse.Namespace) -> int:
             properties = json.loads(args.properties)
         except ValueError as exc:
             raise UserError(f"--properties is not valid JSON: {exc}") from None
-        except RecursionError:
+        except RecursionError:  # the parser's own limit (Python < 3.13)
             raise UserError("--properties is nested too deeply") from None
+        if _depth(properties) > MAX_DEPTH:  # what no message may carry, whatever parsed it
+            raise UserError("--properties is nested too deeply")
         if not isinstance(properties, dict):
             raise UserError(f"--properties must be a JSON object, got {type(properties).__name__}")
     if not args.timeout > 0:

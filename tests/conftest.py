@@ -95,6 +95,21 @@ def end_uploaders(directory: str) -> None:
         proc.kill()
 
 
+def _let_go_of(path: str) -> None:
+    """End this process's shared-mode sinks in ``path``: a client the test did not shut
+    down keeps a watch thread that would, once the directory is removed, carry the
+    ring's records into a new one there (and start an uploader no fixture ends)."""
+    import time as _time
+
+    from cdpmp._process import PROCESS
+
+    for member in PROCESS.members():
+        sink: Any = getattr(member, "_sink", None)
+        if getattr(sink, "_dir", None) == path and hasattr(sink, "stop_threads"):
+            sink.stop_threads(_time.monotonic() + 2.0)
+            sink.retire()
+
+
 @pytest.fixture
 def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A private runtime directory for shared mode; its uploaders die with the test."""
@@ -106,6 +121,7 @@ def runtime_dir(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setenv("CDP_RUNTIME_DIR", path)
     monkeypatch.setenv("CDP_UPLOADER_IDLE_EXIT", "5")
     yield path
+    _let_go_of(path)
     end_uploaders(path)
     log = Path(path, "uploader.log")
     text = log.read_text(errors="replace") if log.is_file() else ""  # never a FIFO a test left
