@@ -45,7 +45,6 @@ SETTINGS = tuple(MODULE_SETTINGS)
 VERSION = __version__
 default_client: Optional[Client] = None
 _stale = True
-_built_from: Dict[str, Any] = {}
 _retired: List[Client] = []
 #: Clients kept for the settings used last (see the module docstring), least recent first.
 _live: collections.OrderedDict[Tuple[Any, ...], Client] = collections.OrderedDict()
@@ -112,8 +111,6 @@ def _rebuild() -> Client:
         _live.move_to_end(key)
         _built[0] = new
         default_client, _stale = new, False
-        _built_from.clear()
-        _built_from.update(values)
     if evicted is not None:
         # Kept until it has sent what it held (so exit still drains it), then let go.
         _retired[:] = [c for c in _retired if not c._retired()]

@@ -57,7 +57,6 @@ def _reset_facade() -> Iterator[None]:
     analytics.default_client = None
     analytics._retired.clear()
     analytics._live.clear()
-    analytics._built_from.clear()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
