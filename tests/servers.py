@@ -6,8 +6,10 @@ group) and the test fails rather than hangs. Loopback only.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import http.client
+import inspect
 import os
 import signal
 import socket
@@ -16,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from cdpmp._outcome import INTERNAL_MARK
 
@@ -212,3 +214,39 @@ def assert_exactly_once(collector: Collector, ok_ids: List[str], k: int, import_
     assert requests == expected, (len(requests - expected), len(expected - requests))
     imports = [mid for mid in counts if mid.startswith("import-")]
     assert len(imports) == import_events
+
+
+def runserver_command(port: int) -> List[str]:
+    """Django's ``runserver`` (with its autoreloader) serving ``tests.apps.django_app``."""
+    return [
+        sys.executable,
+        "-m",
+        "django",
+        "runserver",
+        "--settings",
+        "tests.apps.django_app",
+        f"127.0.0.1:{port}",
+    ]
+
+
+async def ticks_while(wait: Callable[[], Any]) -> Tuple[int, Any, List[float]]:
+    """A 10 ms ticker task runs while ``wait()`` (awaited if it returns an awaitable)
+    does: how many ticks ran during it, its result, and every tick's time."""
+    ticks: List[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        while not stop.is_set():
+            ticks.append(time.monotonic())
+            await asyncio.sleep(0.01)
+
+    task = asyncio.ensure_future(ticker())
+    await asyncio.sleep(0.05)
+    before = len(ticks)
+    result = wait()
+    if inspect.isawaitable(result):
+        result = await result
+    during = len(ticks) - before
+    stop.set()
+    await task
+    return during, result, ticks

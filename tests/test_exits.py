@@ -17,7 +17,7 @@ from typing import Dict, List
 import pytest
 
 from cdpmp.testing import Collector, Conditions, Outage
-from tests.servers import assert_exactly_once, free_port, load, start_server
+from tests.servers import assert_exactly_once, free_port, load, runserver_command, start_server
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -219,15 +219,7 @@ def test_django_runserver_in_shared_mode_loses_nothing_to_its_reloader(
     # host's ring.
     pytest.importorskip("django", reason="the core suite runs without it")
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "django",
-        "runserver",
-        "--settings",
-        "tests.apps.django_app",
-        f"127.0.0.1:{port}",
-    ]
+    cmd = runserver_command(port)
     env = {"CDP_MODE": "shared", "CDP_RUNTIME_DIR": runtime_dir, "CDP_UPLOAD_INTERVAL": "5"}
     server = start_server(cmd, collector, tmp_path / "server.log", port, **env)
     ok = load(server.port, 300, k=3)

@@ -16,12 +16,20 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import List
 
 import pytest
 
 from cdpmp.testing import Collector, Conditions, Outage
-from tests.servers import ROOT, assert_exactly_once, free_port, gunicorn_command, load, start_server
+from tests.servers import (
+    ROOT,
+    assert_exactly_once,
+    free_port,
+    gunicorn_command,
+    load,
+    runserver_command,
+    start_server,
+    ticks_while,
+)
 from tests.test_beyond_servers import INVOCATIONS, PER_INVOCATION, run_lambda_environment
 from tests.test_uwsgi import uwsgi
 
@@ -80,15 +88,7 @@ def test_django_runserver_in_direct_mode_loses_what_its_child_queued(
     # a 30 s interval) die with it. The shared-mode case: tests/test_exits.py.
     pytest.importorskip("django", reason="the core suite runs without it")
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "django",
-        "runserver",
-        "--settings",
-        "tests.apps.django_app",
-        f"127.0.0.1:{port}",
-    ]
+    cmd = runserver_command(port)
     server = start_server(cmd, collector, tmp_path / "server.log", port, CDP_UPLOAD_INTERVAL="30")
     ok = load(server.port, 50, k=1)
     server.stop(signal.SIGTERM)
@@ -116,29 +116,11 @@ def test_flush_in_a_coroutine_stops_the_event_loop_while_it_waits(collector: Col
     from cdpmp import Client
 
     client = Client(collector.write_key, endpoint=collector.url, upload_interval=60.0)
-    ticks: List[float] = []
-
-    async def main() -> int:
-        stop = asyncio.Event()
-
-        async def ticker() -> None:
-            while not stop.is_set():
-                ticks.append(time.monotonic())
-                await asyncio.sleep(0.01)
-
-        task = asyncio.ensure_future(ticker())
-        for i in range(300):
-            assert client.track(user_id="u", event="E", message_id=f"f-{i}")[0]
-        await asyncio.sleep(0.05)
-        before = len(ticks)
-        assert client.flush(30) is True
-        during = len(ticks) - before
-        stop.set()
-        await task
-        return during
-
+    for i in range(300):
+        assert client.track(user_id="u", event="E", message_id=f"f-{i}")[0]
     try:
-        assert asyncio.run(main()) == 0
+        during, drained, _ = asyncio.run(ticks_while(lambda: client.flush(30)))
+        assert drained is True and during == 0
     finally:
         client.shutdown(5)
     assert sorted(collector.message_ids()) == sorted(f"f-{i}" for i in range(300))
