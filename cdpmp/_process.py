@@ -83,6 +83,9 @@ class ProcessState:
         self._hookless: Dict[int, bool] = {}  # pid -> threads may start (see may_start_thread)
         self.draining_all = False  # drain_all() is shutting every client down
         self.exiting_pid = -1  # the pid whose exit drain began (see drain_all)
+        # New events are refused (track() reads this one flag): a drain is running, or
+        # this pid's exit drain has begun. A forked child starts open again.
+        self.closing = False
         # False when the host runs no background threads (uWSGI without
         # enable-threads): sinks then send due batches on the calling thread.
         self.threads_available = True
@@ -112,6 +115,7 @@ class ProcessState:
 
     def after_fork_in_child(self) -> None:
         self._lock = threading.Lock()  # never acquire a lock inherited mid-acquire
+        self.closing = False
         self._hooked_pid = os.getpid()
         self.reset_in_child()
 
@@ -277,7 +281,7 @@ class ProcessState:
         members = self.members()
         # The drain works on what is queued now: events other threads track meanwhile
         # are refused (counted as lost at shutdown), or they could extend it forever.
-        self.draining_all = True  # clients leave the loss report to the line below
+        self.draining_all = self.closing = True  # clients leave the loss report to the line below
         try:
             for member in members:
                 budget = member.settings.exit_timeout if timeout is None else timeout
@@ -285,6 +289,7 @@ class ProcessState:
                 drained = member.shutdown(timeout=remaining) and drained
         finally:
             self.draining_all = False
+            self.closing = self.exiting_pid == os.getpid()
         report_losses([member._ledger for member in members])  # one line per process
         return drained
 

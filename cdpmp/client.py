@@ -11,7 +11,6 @@ logged (rate-limited) and reported to ``on_error``. Wrong argument types raise
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from typing import Any, Dict, Optional, Tuple
 
@@ -300,7 +299,7 @@ class Client(OfficialSurface):
             return self._reject(msg, "oversize", f"{len(data)} bytes > {MAX_MESSAGE_BYTES} limit")
         if not self.settings.send:
             return True, msg
-        if PROCESS.draining_all or (PROCESS.exiting_pid != -1 and PROCESS.exiting_pid == os.getpid()):
+        if PROCESS.closing:
             return self._reject(msg, "shutdown", "this process's exit drain had begun")
         refusal = self._sink.put(data)
         if refusal is None:
