@@ -83,7 +83,6 @@ class Journal:
         # Resumed: what the checkpoint covers; else a fresh file (an old one is replaced).
         self._rejects.truncate(saved["rejects_bytes"] if saved is not None else 0)
         self._rejects.seek(0, os.SEEK_END)
-        self.resumed = saved is not None
         self._closed = False
 
     def _load(self) -> Optional[Dict[str, Any]]:
@@ -148,7 +147,3 @@ class Journal:
             self._rejects.close()
         if empty:
             os.unlink(self.rejects_path)
-
-    def pending(self) -> int:
-        with self._lock:
-            return len(self._finished)

@@ -48,7 +48,13 @@ class Row(NamedTuple):
     data: Optional[bytes]
     message_id: Optional[str]
     reason: Optional[str]
-    text: str  # the row as read (for the rejects file), cut to 1,000 characters
+    raw: bytes  # the row as read
+
+    @property
+    def text(self) -> str:
+        """The row for the rejects file, cut to 1,000 bytes (decoded only for a refused
+        row: a good one never needs it)."""
+        return self.raw[:1000].decode("utf-8", "replace").rstrip("\r\n")
 
 
 def derive_id(source: str, line: int, raw: bytes) -> str:
@@ -69,9 +75,8 @@ def _timestamp(value: Any) -> str:
 
 def message(fields: Any, source: str, line: int, raw: bytes) -> Row:
     """Make one row's decoded value a Pipelines message (bytes) or say why not."""
-    text = raw[:1000].decode("utf-8", "replace").rstrip("\r\n")
     if not isinstance(fields, dict):
-        return Row(line, None, None, f"not a JSON object ({type(fields).__name__})", text)
+        return Row(line, None, None, f"not a JSON object ({type(fields).__name__})", raw)
     msg: Dict[str, Any] = dict(fields)
     try:
         for name in _ID_FIELDS:
@@ -79,7 +84,7 @@ def message(fields: Any, source: str, line: int, raw: bytes) -> Row:
                 msg[name] = identifier(name, msg[name])
         msg["timestamp"] = _timestamp(msg.get("timestamp"))
     except (InvalidArgument, InvalidArgumentType, OverflowError, OSError, ValueError) as exc:
-        return Row(line, None, None, str(exc), text)
+        return Row(line, None, None, str(exc), raw)
     message_id = msg.get("messageId")
     if message_id is None or message_id == "":
         message_id = msg["messageId"] = derive_id(source, line, raw)
@@ -91,12 +96,12 @@ def message(fields: Any, source: str, line: int, raw: bytes) -> Row:
         validate_message(msg)
         data = orjson.dumps(msg)
     except SchemaError as exc:
-        return Row(line, None, message_id, str(exc), text)
+        return Row(line, None, message_id, str(exc), raw)
     except (TypeError, orjson.JSONEncodeError) as exc:  # e.g. nesting deeper than orjson takes
-        return Row(line, None, message_id, f"cannot be encoded: {exc}", text)
+        return Row(line, None, message_id, f"cannot be encoded: {exc}", raw)
     if len(data) > MAX_MESSAGE_BYTES:
-        return Row(line, None, message_id, f"message of {len(data)} bytes is over {MAX_MESSAGE_BYTES}", text)
-    return Row(line, data, message_id, None, text)
+        return Row(line, None, message_id, f"message of {len(data)} bytes is over {MAX_MESSAGE_BYTES}", raw)
+    return Row(line, data, message_id, None, raw)
 
 
 def open_binary(path: str) -> IO[bytes]:
@@ -119,9 +124,7 @@ def jsonl_rows(stream: IO[bytes], source: str, skip: int) -> Iterator[Row]:
         try:
             fields = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
-            yield Row(
-                line, None, None, f"not JSON: {exc}", raw[:1000].decode("utf-8", "replace").rstrip("\r\n")
-            )
+            yield Row(line, None, None, f"not JSON: {exc}", raw)
             continue
         yield message(fields, source, line, raw)
 
@@ -179,9 +182,7 @@ def csv_rows(stream: IO[bytes], source: str, skip: int) -> Iterator[Row]:
             continue
         raw = ",".join(record).encode()
         if len(record) != len(columns):
-            yield Row(
-                line, None, None, f"{len(record)} cells, the header has {len(columns)}", raw.decode()[:1000]
-            )
+            yield Row(line, None, None, f"{len(record)} cells, the header has {len(columns)}", raw)
             continue
         fields: Dict[str, Any] = {}
         try:
@@ -193,7 +194,7 @@ def csv_rows(stream: IO[bytes], source: str, skip: int) -> Iterator[Row]:
                 else:
                     fields.setdefault(group, {})[nested] = _cell(kind, value)
         except ValueError as exc:
-            yield Row(line, None, None, str(exc), raw.decode()[:1000])
+            yield Row(line, None, None, str(exc), raw)
             continue
         yield message(fields, source, line, raw)
 
