@@ -315,3 +315,82 @@ def test_a_healthy_source_is_never_refused_because_another_is_down(
         finally:
             a.shutdown(timeout=5)
             b.shutdown(timeout=5)
+
+
+@pytest.mark.parametrize("probe", ["fails", "delivers"])
+def test_a_probe_in_flight_is_moved_out_of_the_way_and_its_outcome_decides_the_copy(
+    runtime_dir: str, monkeypatch: pytest.MonkeyPatch, probe: str
+) -> None:
+    # Deterministic: the test is the uploader (it holds the election lock and turns
+    # the dispatch loop itself), and B's probe, the request of B's records that hold
+    # the ring's head, stays in flight until A has passed 3x the ring's bytes. A is
+    # never refused; when the probe ends its copies are retried (it failed) or done
+    # (it delivered): B arrives exactly once either way, and the ring ends empty.
+    import fcntl
+    import threading
+
+    import cdpmp
+    from cdpmp.shared.dispatch import Dispatch
+    from cdpmp.shared.files import UPLOADER_LOCK, open_private, path
+
+    class Gated:  # B's real transport, each request waiting for the test to let it go
+        def __init__(self, real: Any) -> None:
+            self.real, self.policy = real, real.policy
+            self.gate, self.entered = threading.Event(), threading.Event()
+
+        def post(self, payloads: Any, deadline: Any) -> Any:
+            self.entered.set()
+            assert self.gate.wait(30)
+            return self.real.post(payloads, deadline)
+
+    def turn(until: Any, what: str) -> None:
+        end = time.monotonic() + 20
+        while not until():
+            assert time.monotonic() < end, what
+            dispatch._safe_cycle(draining=False)
+            time.sleep(0.005)
+
+    monkeypatch.setenv("CDP_RING_BYTES", str(128 << 10))
+    directory = ensure_dir(runtime_dir)
+    lock = open_private(path(directory, UPLOADER_LOCK))
+    fcntl.flock(lock, fcntl.LOCK_EX)  # no uploader is started: this test is the one
+    with Collector(write_key="b-key") as down, Collector(write_key="a-key") as up:
+        b = cdpmp.Client("b-key", endpoint=down.url, mode="shared", upload_interval=0.01, max_queue_size=500)
+        a = cdpmp.Client("a-key", endpoint=up.url, mode="shared", upload_interval=0.01, max_queue_size=500)
+        try:
+            b_ids = {
+                b.track("u", "E", {"pad": "b" * 900}, message_id=f"b{i}")[1]["messageId"] for i in range(20)
+            }
+            assert a.track("u", "E", {"pad": "a" * 900}, message_id="a0")[0]
+            dispatch = Dispatch(directory)
+            dispatch.ring = Ring(directory)
+            dispatch._forget(dispatch.ring.bounds()[0])
+            dispatch._load_sources()
+            b_source = b._sink._source  # type: ignore[attr-defined]
+            gated = dispatch._transports[b_source] = Gated(dispatch._transports[b_source])  # type: ignore[assignment]
+            gated.gate.set()
+            down.fail_next(1, 503)
+            turn(lambda: dispatch._lanes[b_source].failures == 1, "B's first request failed")
+            gated.gate.clear()
+            turn(gated.entered.is_set, "B's probe started")
+            refused = 0
+            for i in range(1, 400):  # ≈ 400 KB through a 128 KiB ring, B's probe in flight
+                refused += not a.track("u", "E", {"pad": "a" * 900}, message_id=f"a{i}")[0]
+                if i % 20 == 0:
+                    sent = i + 1 - refused
+                    turn(lambda sent=sent: len(up.unique_ids()) >= sent, "A's events delivered")  # type: ignore[misc]
+            assert refused == 0 and not gated.gate.is_set() and dispatch._flying
+            turn(lambda: dispatch._cursor == dispatch.ring.bounds()[1], "the copies read, waiting")
+            if probe == "fails":
+                down.fail_next(1, 503)
+            gated.gate.set()
+            turn(lambda: down.unique_ids() == b_ids and len(up.unique_ids()) == 400, "all delivered")
+            turn(lambda: dispatch.ring.bounds()[0] == dispatch.ring.bounds()[1], "the ring emptied")
+            for _ in range(20):  # nothing left to send twice
+                dispatch._safe_cycle(draining=False)
+            assert down.duplicates() == {} and up.duplicates() == {}
+            assert [held for _, held, _ in dispatch.ring.sources()] == [0, 0] and not dispatch._shadows._copy
+        finally:
+            os.close(lock)
+            a.shutdown(timeout=1)
+            b.shutdown(timeout=1)

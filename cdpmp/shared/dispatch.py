@@ -69,6 +69,7 @@ class Dispatch:
         self._seen: Dict[int, float] = {}  # source -> when its oldest pending record was read
         self._acked: Set[int] = set()  # starts of records done but not yet released
         self._flying: Set[int] = set()  # starts of records whose request is in progress
+        self._shadows = holding.Shadows()  # copies of records moved while in flight
         self._tries: Dict[int, Tuple[int, float]] = {}  # start -> (retries, first failure)
         self._done: queue.SimpleQueue[Tuple[int, Held, Outcome, float, float]] = queue.SimpleQueue()
         self._backoff_until = 0.0
@@ -159,7 +160,7 @@ class Dispatch:
         for rec in self._window:
             if rec.start in self._acked:
                 continue
-            if rec.source in failing and rec.payload and rec.start not in self._flying:
+            if rec.source in failing and rec.payload:  # in flight or not (holding.Shadows)
                 moved.append(rec)
                 continue
             blocked_others = True  # a record of another source waits behind them
@@ -169,9 +170,12 @@ class Dispatch:
         starts = holding.requeue(self.ring, [(r.source, r.payload) for r in moved])
         moved = moved[: len(starts)]
         for rec, start in zip(moved, starts):
-            tries = self._tries.pop(rec.start, None)
-            if tries is not None:
-                self._tries[start] = tries
+            if rec.start in self._flying or rec.start in self._shadows:
+                self._shadows.moved(rec.start, start)  # the probe's outcome decides
+            else:
+                tries = self._tries.pop(rec.start, None)
+                if tries is not None:
+                    self._tries[start] = tries
             self._acked.add(rec.start)  # the copy is the same event: still counted held
         gone = {r.start for r in moved}
         for sid in {r.source for r in moved}:
@@ -217,6 +221,7 @@ class Dispatch:
         self._acked.clear()
         self._tries.clear()
         self._settled.clear()
+        self._shadows.clear()
 
     def _read(self, tail: int) -> bool:
         records = self.ring.read(self._cursor, WINDOW_RECORDS, WINDOW_BYTES)
@@ -233,6 +238,8 @@ class Dispatch:
             if not rec.payload:
                 self._acked.add(rec.start)  # nothing to send: free it with the rest
                 continue
+            if rec.start in self._acked or self._shadows.read(rec):
+                continue  # a copy whose probe ended delivered, or still flies
             if rec.source not in self._sources:  # its entry may come back: hold it a while
                 self._orphans.append((now, rec))
                 continue
@@ -301,9 +308,18 @@ class Dispatch:
         for error, part in done.losses:
             self._dead_letter(sid, part, error)
         for held in reversed(done.retry):
+            again: List[Record] = []
             for rec in held.items:
-                self._tries[rec.start] = (held.retries, held.first_failed)
-            pending.extendleft(reversed(held.items))  # first in line for the probe
+                copy = self._shadows.resolve(rec.start)  # moved while in flight: retry the copy
+                if copy is None:
+                    self._tries[rec.start] = (held.retries, held.first_failed)
+                    again.append(rec)
+                    continue
+                self._tries.pop(rec.start, None)
+                self._tries[copy[0]] = (held.retries, held.first_failed)
+                if copy[1] is not None:  # else it is queued when it is read
+                    again.append(copy[1])
+            pending.extendleft(reversed(again))  # first in line for the probe
         if job.retries:
             self.ring.bump("retries")
         if done.error is not None:
@@ -315,7 +331,8 @@ class Dispatch:
 
     def _done_with(self, records: List[Record]) -> None:
         for rec in records:
-            self._acked.add(rec.start)
+            copy = self._shadows.resolve(rec.start)  # moved while in flight: the copy is done
+            self._acked.add(rec.start if copy is None else copy[0])
             self._tries.pop(rec.start, None)
             self._settled[rec.source] = self._settled.get(rec.source, 0) + 1
 

@@ -18,13 +18,20 @@ every source was refused. Two rules fix it:
   them. The copies keep their source, payload and messageId (and the uploader their
   retry count); only their place changes. A crash between the copy and the release
   of the originals can send such a record twice (same messageId), never lose one.
+* **A record in flight is moved too** (:class:`Shadows`): a failing source's probe
+  takes its oldest records, the ones holding head, and a probe to a slow or
+  far endpoint lasts long enough for a busy healthy source to fill the rest of the
+  ring (the CI machine saw 84 refusals of a healthy source that way). Its copy
+  waits at the tail as a *shadow*, never sent while the probe flies: when the probe
+  ends the copy is done with it (delivered or given up) or takes its place in the
+  queue (the probe failed).
 """
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Set, Tuple
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
-from .layout import CORRUPT, HEAD_TAIL_COUNT, SOURCES, SOURCES_AT, SRC, U64, store
+from .layout import CORRUPT, HEAD_TAIL_COUNT, SOURCES, SOURCES_AT, SRC, U64, Record, store
 from .ring import Ring
 
 #: Share of the ring's bytes in use above which held records are moved to the tail.
@@ -85,3 +92,41 @@ def requeue(ring: Ring, records: List[Tuple[int, bytes]]) -> List[int]:
                 break
             starts.append(at)
     return starts
+
+
+class Shadows:
+    """Copies of records moved while their request was in flight (see the module
+    docstring): which original each copy stands for, and the copy's record once
+    the uploader has read it. The original's outcome decides the copy's."""
+
+    def __init__(self) -> None:
+        self._copy: Dict[int, int] = {}  # original's start -> its copy's start
+        self._original: Dict[int, Tuple[int, Optional[Record]]] = {}  # copy -> (original, read)
+
+    def __contains__(self, start: int) -> bool:
+        return start in self._original
+
+    def moved(self, old: int, new: int) -> None:
+        """The record at ``old`` (in flight, or a shadow) was copied to ``new``."""
+        original = self._original.pop(old, (old, None))[0]
+        self._copy[original] = new
+        self._original[new] = (original, None)
+
+    def read(self, rec: Record) -> bool:
+        """``rec`` was read from the ring; True if it is a shadow (not to be queued)."""
+        if rec.start not in self._original:
+            return False
+        self._original[rec.start] = (self._original[rec.start][0], rec)
+        return True
+
+    def resolve(self, original: int) -> Optional[Tuple[int, Optional[Record]]]:
+        """The request of ``original`` ended: its copy's start and record (None if
+        not read yet), no longer a shadow; None if it was never moved."""
+        new = self._copy.pop(original, None)
+        if new is None:
+            return None
+        return new, self._original.pop(new)[1]
+
+    def clear(self) -> None:
+        self._copy.clear()
+        self._original.clear()
