@@ -23,16 +23,20 @@ CPython, by the socket's timeout when it starts: that timeout is set to what is 
 The current request is a thread-local set by :func:`request_deadline`, so a pooled
 connection serves whichever thread uses it. ``cancel(owner)`` ends an owner's requests
 at their next socket call (shutdown and drain deadlines).
+
+The pools built here also let their idle connections be cut to what the lane uses
+(:func:`keep_idle`): sockets follow the lane as threads do.
 """
 
 from __future__ import annotations
 
 import io
+import queue
 import socket
 import threading
 import time
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import urllib3
 
@@ -149,6 +153,34 @@ class _DeadlineHTTPSConnection(urllib3.connection.HTTPSConnection):
             if self.sock is not None:  # None: http.client closed it (a refused CONNECT)
                 self.sock = raw
         _bound(raw)
+
+
+def keep_idle(pool: urllib3.HTTPConnectionPool, keep: int) -> int:
+    """Close ``pool``'s idle connections beyond ``keep``; how many were closed. A pool
+    holds one per request the lane ever had in flight, and after an outage or a burst
+    nothing else closes them while a sender thread lives (measured: ~5 sockets more
+    per worker). Connections in use are not in the queue and stay; a request racing
+    this opens a new one."""
+    idle = pool.pool
+    if idle is None:
+        return 0
+    taken: List[Any] = []
+    while True:
+        try:
+            taken.append(idle.get(block=False))
+        except queue.Empty:
+            break
+    live = [conn for conn in taken if conn is not None]
+    for conn in live[keep:]:
+        conn.close()
+    kept = live[:keep]
+    for conn in [None] * (len(taken) - len(kept)) + kept:  # LIFO: kept ones are reused first
+        try:
+            idle.put(conn, block=False)
+        except queue.Full:  # a request put its connection back meanwhile
+            if conn is not None:
+                conn.close()
+    return len(live) - len(kept)
 
 
 class _DeadlinePool(urllib3.HTTPConnectionPool):

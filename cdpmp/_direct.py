@@ -26,11 +26,12 @@ import threading
 import time
 from typing import Callable, Deque, List, Optional, Set, Tuple
 
-from ._engine import Held, Lane, backlogged, deliver, engine, settle, take_batch
+from ._engine import Held, Lane, backlogged, deliver, settle, take_batch
 from ._handoff import drain_inline, hand_off
 from ._options import Settings
 from ._outcome import HostStats, Ledger
 from ._process import PROCESS
+from ._senders import NOW, engine
 from ._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES, Transport
 from .errors import DeliveryError, MessageRejected, ShutdownAbandoned
 
@@ -73,7 +74,7 @@ class DirectSink:
         self._in_flight = 0
         self._lane = Lane(self._settings.max_in_flight, self.policy)
         self._first_at = 0.0  # when the oldest queued message arrived (about)
-        self._leftover = False  # the queue holds the rest of a batch just taken
+        self._widest = 1  # the lane's limit when a request last ended
         self._urgent = False
         self._stopping = False
         self._retiring = False  # replaced: send what is held, then let go
@@ -122,7 +123,7 @@ class DirectSink:
     def _wait_for_room(self, size: int, deadline: float) -> None:
         """Until the queue could take one more message of ``size`` bytes, or the
         deadline. Senders notify ``_idle`` as each batch settles."""
-        engine().activate(self)
+        self._activate()
         settings = self._settings
         with self._idle:
             while (
@@ -156,11 +157,17 @@ class DirectSink:
                 self._ledger.queued += 1
                 if n == 0:
                     self._first_at = time.monotonic()
-                    self._leftover = False
                     if self._stopping and not self._retiring:
                         self._stopping = False  # a call after shutdown() starts over
                 due = n + 1 >= settings.upload_size or self._queued_bytes >= _BATCH_ROOM
+                # When a thread must ask (senders): the batch is full (now, if the lane
+                # has room; else its request's end asks), or a first event starts its
+                # interval. Any other event wakes no one.
                 wake = n == 0 or due
+                if not due:
+                    at = self._first_at + settings.upload_interval
+                else:
+                    at = self._startable()
                 threaded = PROCESS.may_start_thread()
                 inline = not threaded and (
                     due
@@ -171,7 +178,7 @@ class DirectSink:
             return MessageRejected("queue_full", refusal)
         if wake and threaded:
             PROCESS.ensure_exit_hook()
-            if engine().activate(self):
+            if engine().activate(self, at):
                 return None
             inline = due  # no thread can start (the interpreter is shutting down)
         if inline and not drain_inline(self, PROCESS.inline_deadline(settings.timeout), True):
@@ -181,8 +188,17 @@ class DirectSink:
 
     # -- the engine's side (a feeder) ----------------------------------------------------
 
+    def _startable(self) -> float:
+        """When a job of ours that is due could start: now, or when a request of ours
+        ends (the lane is full or backing off: the thread that ends it asks again)."""
+        return NOW if self._lane.slots(time.monotonic()) else math.inf
+
+    def _activate(self) -> bool:
+        """Something of ours is due (a flush, a wait for room, a retirement)."""
+        return engine().activate(self, self._startable())
+
     def next_job(self, now: float) -> Tuple[Optional[Callable[[], None]], Optional[float]]:
-        """A job for a sender thread (see :class:`cdpmp._engine.Feeder`). Never blocks:
+        """A job for a sender thread (see :class:`cdpmp._senders.Feeder`). Never blocks:
         the engine asks while holding its own lock, and a lock held here (a signal
         handler's flush() that interrupted put(), a test holding it) must not stall
         every other client of the process; a busy lock is asked again in 1 ms."""
@@ -223,9 +239,6 @@ class DirectSink:
             len(self._queue) >= settings.upload_size
             or self._queued_bytes >= _BATCH_ROOM
             or now - self._first_at >= settings.upload_interval
-            # The rest of a batch just taken goes at once when nothing is in flight; while
-            # requests are, it waits to fill or for its interval (no extra small requests).
-            or (self._leftover and self._lane.in_flight == 0)
         )
 
     def _wait_locked(self, now: float) -> float:
@@ -244,7 +257,6 @@ class DirectSink:
     def _take_locked(self) -> List[bytes]:
         batch, size = take_batch(self._queue, self._settings.upload_size, _BATCH_ROOM)
         self._queued_bytes -= size
-        self._leftover = bool(self._queue)
         if self._queue:
             self._first_at = time.monotonic()
         return batch
@@ -274,9 +286,12 @@ class DirectSink:
             if self._empty_locked():
                 self._urgent = False
             close = self._retiring and not self._flying  # replaced: keep no idle socket
+            narrowed, self._widest = self._lane.limit < self._widest, self._lane.limit
             self._idle.notify_all()
         if close:
             self.transport.close()
+        elif narrowed:  # sockets follow the lane, as threads do
+            self.transport.keep_idle(self._lane.limit)
 
     def flush(self, timeout: float) -> bool:
         """Every wait is bounded by the deadline, lock acquisition included: flush() may
@@ -292,7 +307,7 @@ class DirectSink:
             self._urgent = True
         finally:
             self._lock.release()
-        if not PROCESS.may_start_thread() or not engine().activate(self):
+        if not PROCESS.may_start_thread() or not self._activate():
             return drain_inline(self, deadline, hold_back=False)
         return self._await(self._empty_locked, deadline)
 
@@ -330,7 +345,7 @@ class DirectSink:
         if empty:
             self.transport.close()
         elif PROCESS.may_start_thread():
-            engine().activate(self)
+            self._activate()
 
     def stop_threads(self, deadline: float) -> bool:
         """Send what is queued, then end the process's (shared) sender threads."""

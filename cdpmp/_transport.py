@@ -41,7 +41,7 @@ try:  # imported here, never lazily: a child forked mid-import would deadlock on
 except ImportError:  # pragma: no cover - certifi is optional
     certifi = None  # type: ignore[assignment]
 
-from ._deadline import RequestDeadline, cancel, deadline_pools, expired, request_deadline
+from ._deadline import RequestDeadline, cancel, deadline_pools, expired, keep_idle, request_deadline
 from ._message import now_iso
 from ._options import Settings
 from ._outcome import classify_exception, classify_status, internal_error
@@ -163,6 +163,15 @@ class Transport:
         if pool is not None and self._pid == self._getpid():
             self._local_pool = None
             pool.clear()
+
+    def keep_idle(self, keep: int) -> None:
+        """Close this process's idle connections beyond ``keep`` (the lane narrowed)."""
+        manager = self._local_pool
+        if manager is not None and self._pid == self._getpid():
+            for key in list(manager.pools.keys()):
+                pool = manager.pools.get(key)
+                if pool is not None:
+                    keep_idle(pool, keep)
 
     def cancel(self) -> None:
         """End this transport's requests in progress (a deadline that has passed)."""

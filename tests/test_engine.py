@@ -193,7 +193,7 @@ def test_one_exit_deadline_is_shared_by_every_client() -> None:
 def _burst(collector: Collector, events: int, clients: int = 1, **options: Any) -> Dict[str, Any]:
     """A fresh process tracks ``events`` flat out, then flushes; what it saw."""
     script = textwrap.dedent(f"""
-        import gc, json, os, threading, time, psutil, cdpmp, cdpmp._engine as engine
+        import gc, json, os, threading, time, psutil, cdpmp, cdpmp._senders as engine
         engine.IDLE_EXIT = 0.5
         me = psutil.Process()
         fds0, threads0 = me.num_fds(), threading.active_count()

@@ -154,13 +154,13 @@ def test_a_sigterm_landing_inside_the_engines_lock_still_drains(collector: Colle
     # signal arrives (as when it lands in track() activating a sender). Waiting in the
     # handler would wait on that lock: before, nothing was sent until exit_timeout.
     inside = (
-        "from cdpmp._engine import engine\n"
+        "from cdpmp._senders import engine\n"
         "wake = engine()._wake_locked\n"
-        "def signalled():\n"
+        "def signalled(start):\n"
         "    engine()._wake_locked = wake  # once\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    sum(range(1000))  # the handler runs here, inside activate(), its lock held\n"
-        "    return wake()\n"
+        "    return wake(start)\n"
         "engine()._wake_locked = signalled\n"
         "analytics.flush(0.1)  # asks the engine for a sender: activate()\n"
     )

@@ -4,7 +4,7 @@
 (the process side — election, signals, draining, idle exit, replaced files — is
 :class:`cdpmp.shared.uploader.Uploader`, its subclass). Only the uploader's main
 thread calls these methods and touches the ring; requests run on the process's sender
-threads (:meth:`cdpmp._engine.Engine.submit`) and come back through ``_done``, settled
+threads (:meth:`cdpmp._senders.Engine.submit`) and come back through ``_done``, settled
 by the same rule as direct mode's (:func:`cdpmp._engine.settle`).
 
 State, per pass: every record between ``head`` and ``_cursor`` has been parsed once,
@@ -25,11 +25,12 @@ import threading
 import time
 from typing import Deque, Dict, List, Optional, Set, Tuple
 
-from .._engine import Held, Lane, Outcome, backlogged, deliver, engine, settle, take_batch
+from .._engine import Held, Lane, Outcome, backlogged, deliver, settle, take_batch
 from .._lane import RequestRate
 from .._options import Settings, from_source_entry, host_settings
 from .._outcome import internal_error
 from .._retry import RetryPolicy
+from .._senders import engine
 from .._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES, Transport
 from ..errors import CdpmpError, DeliveryError
 from . import holding
@@ -61,6 +62,7 @@ class Dispatch:
         self._sources: Dict[int, Settings] = {}
         self._transports: Dict[int, Transport] = {}
         self._lanes: Dict[int, Lane] = {}
+        self._widest: Dict[int, int] = {}  # source -> its lane's limit when a request last ended
         self._cursor = -1
         self._window: Deque[Record] = collections.deque()
         self._pending: Dict[int, Deque[Record]] = {}
@@ -320,6 +322,9 @@ class Dispatch:
                 if copy[1] is not None:  # else it is queued when it is read
                     again.append(copy[1])
             pending.extendleft(reversed(again))  # first in line for the probe
+        if lane.limit < self._widest.get(sid, 1):  # sockets follow the lane, as threads do
+            self._transports[sid].keep_idle(lane.limit)
+        self._widest[sid] = lane.limit
         if job.retries:
             self.ring.bump("retries")
         if done.error is not None:

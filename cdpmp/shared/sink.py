@@ -34,10 +34,10 @@ from typing import Optional, Tuple
 
 import psutil
 
-from .._engine import IDLE_EXIT
 from .._options import Settings, host_settings, source_entry
 from .._outcome import HostStats, Ledger
 from .._process import PROCESS
+from .._senders import IDLE_EXIT
 from ..errors import ConfigurationError, DeliveryError, MessageRejected
 from . import lifecycle, notices
 from .files import UPLOADER_LOG, RuntimeDirError, ensure_dir, read_sources, runtime_dir, write_source
