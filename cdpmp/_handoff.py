@@ -18,6 +18,7 @@ directory), the events stay with the master, which keeps trying at each later ca
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, List
 
@@ -42,7 +43,7 @@ def send_later(settings: Settings, ledger: Ledger, items: List[bytes]) -> bool:
     queued = ledger.queued  # already counted when they were tracked
     try:
         for data in items:
-            refusal = sink.put(data)
+            refusal = sink.put(data, os.getpid())
             if refusal is not None:
                 ledger.lost(refusal, [data])
     finally:

@@ -184,15 +184,15 @@ class ProcessState:
             timeout = min(timeout, BOOT_BUDGET)
         return time.monotonic() + timeout
 
-    def may_start_thread(self) -> bool:
+    def may_start_thread(self, pid: int = 0) -> bool:
         """False where no thread may start: threads disabled, a threadless master, or
         a child of a C ``fork()`` that ran no at-fork hook while its parent had other
         threads alive: ``threading``'s state (the parent's threads, its locks) was
         never repaired there, and a child that started a sender thread hung (found
         after a test that left a sender thread alive at the fork). Such a child sends
         inline. A uWSGI worker is forked, hook-less, from a master with no thread
-        alive: it keeps its threads."""
-        pid = os.getpid()
+        alive: it keeps its threads. ``pid``: ``os.getpid()`` if the caller has it."""
+        pid = pid or os.getpid()
         if not self.threads_available or self._threadless_pid == pid:
             return False
         if pid in (self._origin_pid, self._hooked_pid):

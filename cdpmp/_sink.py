@@ -22,7 +22,7 @@ class Sink(Protocol):
 
     mode: str  # "direct", "shared" or "sync", as reported by stats()
 
-    def put(self, data: bytes) -> Optional[DeliveryError]:
+    def put(self, data: bytes, pid: int) -> Optional[DeliveryError]:
         """Accept one serialised message (None), or say why not: the client then
         accounts for it through its ledger, the one place that does."""
 
@@ -64,7 +64,7 @@ class SyncSink:
         self.transport: Transport = Transport(settings)
         self._ledger = ledger
 
-    def put(self, data: bytes) -> Optional[DeliveryError]:
+    def put(self, data: bytes, pid: int) -> Optional[DeliveryError]:
         with self._ledger.lock:
             self._ledger.queued += 1
         attempt = self.transport.send([data])

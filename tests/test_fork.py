@@ -16,7 +16,7 @@ import sys
 import textwrap
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, List
 
 import pytest
 
@@ -188,19 +188,19 @@ def test_a_forked_child_never_makes_its_parents_message_ids() -> None:
     # Ids are made 64 at a time; the child must not pop the ones its parent has left.
     from cdpmp._message import new_message_id
 
-    new_message_id()
+    new_message_id(os.getpid())
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
-            os.write(write, " ".join(new_message_id() for _ in range(10)).encode())
+            os.write(write, " ".join(new_message_id(os.getpid()) for _ in range(10)).encode())
         finally:
             os._exit(0)
     os.close(write)
     assert _wait_child(pid) == 0
     child = set(os.read(read, 10000).decode().split())
     os.close(read)
-    parent = {new_message_id() for _ in range(10)}
+    parent = {new_message_id(os.getpid()) for _ in range(10)}
     assert len(child) == 10 and len(parent) == 10 and not child & parent
 
 
@@ -253,3 +253,27 @@ def test_quiesce_sends_then_ends_every_thread_and_they_come_back_on_demand(colle
         assert "after" in collector.message_ids()
     finally:
         client.shutdown(timeout=5)
+
+
+def test_message_ids_are_unique_across_threads_and_uuid_shaped() -> None:
+    # Ids come 256 at a time from a per-process series; eight threads racing over the
+    # refills never get the same one, and each is a version 4 UUID string.
+    import uuid
+
+    from cdpmp._message import new_message_id
+
+    made: List[List[str]] = [[] for _ in range(8)]
+
+    def take(out: List[str]) -> None:
+        out.extend(new_message_id(os.getpid()) for _ in range(5000))
+
+    threads = [threading.Thread(target=take, args=(out,)) for out in made]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    every = [i for out in made for i in out]
+    assert len(every) == 40000 and len(set(every)) == 40000
+    for one in every[::997]:
+        parsed = uuid.UUID(one)
+        assert str(parsed) == one and parsed.version == 4 and parsed.variant == uuid.RFC_4122

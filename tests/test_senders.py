@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import pytest
 
@@ -104,6 +104,9 @@ def test_a_first_event_while_the_only_thread_sends_starts_no_second_one() -> Non
     # while it is in flight the next events arrive, the first of them starting its
     # batch's interval and the 100th filling it. The sending thread asks again when its
     # request ends: a second thread would have nothing to send (the lane is full).
+    engine = _senders.engine()  # the process's: earlier tests' threads end first
+    assert engine.retire(time.monotonic() + 10)
+    engine.peak_threads = 0
     with Collector(conditions=Conditions(latency=0.3), strict=False) as collector:
         client = cdpmp.Client(
             collector.write_key,
@@ -121,7 +124,7 @@ def test_a_first_event_while_the_only_thread_sends_starts_no_second_one() -> Non
                 time.sleep(0.1)  # a batch in flight meanwhile
         assert client.flush(timeout=20)
         assert collector.unique_ids() == set(ids) and collector.duplicates() == {}
-        assert _senders.engine().peak_threads == 1
+        assert engine.peak_threads == 1
         assert collector.peak_concurrency == 1
         client.shutdown(timeout=5)
 
@@ -161,4 +164,29 @@ def test_after_a_burst_threads_and_sockets_follow_the_lane_while_traffic_continu
         assert wide >= 3  # the connections were there to close
         assert client.flush(timeout=20)
         assert collector.unique_ids() == set(ids) and collector.duplicates() == {}
+        client.shutdown(timeout=5)
+
+
+def test_a_burst_wakes_a_sender_once_per_batch_not_once_per_event() -> None:
+    # 20,000 events flat out: the engine is told of a batch's first event and of the
+    # event that fills it, never of the events queued behind a full batch (each one
+    # did, before: 19,902 wakes for 20,000 events).
+    told: List[float] = []
+    engine = _senders.engine()
+    activate = engine.activate
+
+    def counted(feeder: Any, at: float = _senders.NOW) -> bool:
+        told.append(at)
+        return activate(feeder, at)
+
+    with Collector(strict=False) as collector:
+        client = cdpmp.Client(collector.write_key, endpoint=collector.url, max_queue_size=30000)
+        engine.activate = counted  # type: ignore[method-assign]
+        try:
+            ids = [client.track("u", "E", message_id=f"m{i}")[1]["messageId"] for i in range(20000)]
+            assert client.flush(timeout=60)
+        finally:
+            engine.activate = activate  # type: ignore[method-assign]
+        assert collector.unique_ids() == set(ids) and collector.duplicates() == {}
+        assert len(told) <= 2 * 20000 // 100 + 2, len(told)
         client.shutdown(timeout=5)

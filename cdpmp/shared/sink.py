@@ -115,11 +115,11 @@ class SharedSink:
         assert self._ring is not None
         return self._ring
 
-    def put(self, data: bytes) -> Optional[DeliveryError]:
+    def put(self, data: bytes, pid: int) -> Optional[DeliveryError]:
         refusal: Optional[DeliveryError] = None
         limit = self._settings.max_queue_size
         try:
-            ring = self._ring if self._pid == os.getpid() and self._ring is not None else self._here()
+            ring = self._ring if self._pid == pid and self._ring is not None else self._here()
             accepted = ring.put(self._source, data, limit)
             if not accepted and self._settings.block_on_full:
                 accepted = self._wait_and_put(ring, data, limit)
