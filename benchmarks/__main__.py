@@ -1,9 +1,11 @@
-"""``python -m benchmarks [--quick] [--parts call,load,scaling,network,engine,soak]``: the whole benchmark.
+"""``python -m benchmarks [--quick] [--parts call,load,scaling,network,engine,instructions,soak]``: the whole benchmark.
 
 Installs its comparison targets (customerio-cdp-analytics, segment-analytics-python)
 and matplotlib if missing, runs the parts, and writes ``benchmarks/results/<date>.json``,
 PNG charts beside it and ``BENCHMARKS.md`` at the top level. ``--quick`` (under a
-minute) is what the test suite smoke-tests, into a temporary directory.
+minute) is what the test suite smoke-tests, into a temporary directory. ``--carry
+FILE``: the parts not run this time are taken from an earlier run's JSON, and the
+report says which, from when (a part's ratios are always from one run).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +22,7 @@ from typing import Any, Dict
 from benchmarks.common import progress
 
 ROOT = Path(__file__).resolve().parent.parent
+CARRIED = ("call_cost", "load", "scaling", "network", "engine", "instructions", "soak")
 NEEDED = {
     "customerio": "customerio-cdp-analytics==1.1.0",
     "segment": "segment-analytics-python",
@@ -39,9 +43,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small run (under a minute)")
     parser.add_argument(
         "--parts",
-        default="call,load,scaling,network,engine",
-        help="comma-separated: call,load,scaling,network,engine,soak (the soak takes --soak-seconds)",
+        default="call,load,scaling,network,engine,instructions",
+        help="comma-separated: call,load,scaling,network,engine,instructions,soak "
+        "(the soak takes --soak-seconds; instructions needs valgrind)",
     )
+    parser.add_argument("--carry", type=Path, help="an earlier results JSON for the parts not run now")
     parser.add_argument("--soak-seconds", type=float, default=600.0, help="the soak's length")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--top", type=Path, default=ROOT, help="where BENCHMARKS.md is written")
@@ -84,11 +90,22 @@ def main() -> int:
 
         progress("part 5: the delivery engine (call cost by endpoint placement)")
         results["engine"] = engine.run(quick=args.quick)
+    if "instructions" in parts:
+        from benchmarks import instructions
+
+        progress("part 5b: CPU instructions per call and per delivered event (callgrind)")
+        results["instructions"] = instructions.run(quick=args.quick)
     if "soak" in parts:
         from benchmarks import soak
 
         progress("part 6: soak with outages (threads and descriptors)")
         results["soak"] = soak.run(args.soak_seconds)
+    if args.carry:
+        earlier = json.loads(args.carry.read_text())
+        for part in CARRIED:
+            if part not in results and part in earlier:
+                results[part] = earlier[part]
+                results.setdefault("carried", {})[part] = earlier["date"]
     if args.reading:
         results["reading"] = args.reading.read_text()
     target = write(results, args.output_dir, args.top)

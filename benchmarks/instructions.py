@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from benchmarks.common import EVENT_PROPS, progress, shared_runtime
 
@@ -97,6 +97,21 @@ def table(result: Dict[str, float]) -> str:
                     f"| {name} | {official:,.0f} | {result[name]:,.0f} | {result[name] / official:.2f}x |"
                 )
     return "\n".join(rows)
+
+
+def run(quick: bool = False) -> Dict[str, Any]:
+    """The part of ``python -m benchmarks``: per-call and per-event counts, and the
+    ratios against the official client (skipped, with the reason, without valgrind)."""
+    if shutil.which("valgrind") is None:
+        return {"skipped": "valgrind is not installed (apt-get install valgrind)"}
+    calls = 100 if quick else 2000
+    counts = measure(calls, list(TARGETS[:2] if quick else TARGETS))  # quick: the call only
+    ratios = {}
+    for what in ("call", "delivered"):
+        for name in (f"cdpmp-{what}", f"shared-{what}"):
+            if name in counts:
+                ratios[name] = counts[name] / counts[f"official-{what}"]
+    return {"calls": calls, "instructions": counts, "ratios": ratios}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -84,7 +84,20 @@ def targets(results: Dict[str, Any]) -> List[Tuple[str, str, bool]]:
         )
     out += _network_targets(results.get("network"))
     out += _engine_targets(results.get("engine"))
+    out += _instruction_targets(results.get("instructions"))
     return out
+
+
+def _instruction_targets(counted: Optional[Dict[str, Any]]) -> List[Tuple[str, str, bool]]:
+    """CPU instructions (callgrind, N calls minus 0): ≤ 0.15× official per call and per
+    delivered event."""
+    ratios = (counted or {}).get("ratios", {})
+    names = {"cdpmp-call": "track(send=False)", "cdpmp-delivered": "delivered event, direct"}
+    return [
+        (f"instructions per {label} ≤ 0.15× official", f"{ratios[key]:.3f}×", ratios[key] <= 0.15)
+        for key, label in names.items()
+        if key in ratios
+    ]
 
 
 def _engine_targets(engine: Optional[Dict[str, Any]]) -> List[Tuple[str, str, bool]]:
@@ -98,10 +111,23 @@ def _engine_targets(engine: Optional[Dict[str, Any]]) -> List[Tuple[str, str, bo
             out.append((f"{where}: {name} track() burst ≤ 0.25× official", f"{ratio:.2f}×", ratio <= 0.25))
         floor = rows["direct"]["burst_us"] / rows["floor"]["burst_us"]
         out.append((f"{where}: direct within 1.5× of send=False", f"{floor:.2f}×", floor <= 1.5))
+        for name in ("direct", "shared"):
+            paced = rows[name].get("p50_ratio")
+            if paced is not None:
+                out.append(
+                    (f"{where}: {name} track() paced p50 ≤ 0.25× official", f"{paced:.2f}×", paced <= 0.25)
+                )
         if placement == "out":
             for name in ("direct", "shared"):
                 cpu = rows[name]["cpu_ratio"]
                 out.append((f"{where}: CPU per event, {name} ≤ 0.25× official", f"{cpu:.2f}×", cpu <= 0.25))
+            direct = rows["direct"]
+            if "wakes_per_batch" in direct:
+                wakes, threads = direct["wakes_per_batch"], direct["threads_paced"]
+                out.append(
+                    (f"{where}: direct, paced: sender wakes per batch ≤ 3", f"{wakes:.1f}", wakes <= 3)
+                )
+                out.append((f"{where}: direct, paced: threads ≤ 2", f"{threads}", threads <= 2))
     return out
 
 
@@ -265,6 +291,12 @@ def markdown(results: Dict[str, Any], chart_files: List[str], chart_dir: str) ->
         f"`benchmarks/results/{results['stem']}.json`). Ratios compare with customerio-cdp-analytics 1.1.0 "
         "measured in the same run: these machines are shared and noisy, so absolute numbers move between runs.",
         "",
+    ]
+    carried = results.get("carried")
+    if carried:
+        parts = ", ".join(f"{part} ({date})" for part, date in carried.items())
+        lines += [f"Not re-run here, carried from earlier runs with their own ratios: {parts}.", ""]
+    lines += [
         "## Targets",
         "",
         "| target | measured | met |",
@@ -309,6 +341,20 @@ def markdown(results: Dict[str, Any], chart_files: List[str], chart_dir: str) ->
 
         lines += ["", "## 1b. The delivery engine: call cost, paced latency, threads, in flight"]
         lines += engine_bench.markdown(results["engine"]).splitlines()
+    counted = results.get("instructions")
+    if counted and "instructions" in counted:
+        from benchmarks import instructions as instruction_bench
+
+        lines += [
+            "",
+            f"## 1a. CPU instructions (callgrind: {counted['calls']} calls minus 0, fresh processes)",
+            "",
+            "Repeatable where timings are not (DESIGN.md §9); kernel time and lock waits are not "
+            "in them. `call`: `track()` with `send=False`; `delivered`: per event received by the "
+            "collector in another process, sender threads included (shared: the producer only).",
+            "",
+        ]
+        lines += instruction_bench.table(counted["instructions"]).splitlines()
     if results.get("soak"):
         from benchmarks import soak
 
