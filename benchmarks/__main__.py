@@ -22,6 +22,7 @@ from typing import Any, Dict
 from benchmarks.common import progress
 
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PARTS = "call,load,scaling,network,engine,instructions"
 CARRIED = ("call_cost", "load", "scaling", "network", "engine", "instructions", "soak")
 NEEDED = {
     "customerio": "customerio-cdp-analytics==1.1.0",
@@ -43,7 +44,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small run (under a minute)")
     parser.add_argument(
         "--parts",
-        default="call,load,scaling,network,engine,instructions",
+        default=DEFAULT_PARTS,
         help="comma-separated: call,load,scaling,network,engine,instructions,soak "
         "(the soak takes --soak-seconds; instructions needs valgrind)",
     )
@@ -62,7 +63,16 @@ def main() -> int:
         "date": now.strftime("%Y-%m-%d %H:%M UTC"),
         "stem": now.strftime("%Y-%m-%d"),
         "machine": machine(),
-        "command": "python -m benchmarks" + (" --quick" if args.quick else ""),
+        "command": " ".join(
+            ["python -m benchmarks"]
+            + (["--quick"] if args.quick else [])
+            + ([f"--parts {args.parts}"] if args.parts != DEFAULT_PARTS else [])
+            + (
+                [f"--carry {args.carry.relative_to(ROOT) if args.carry.is_relative_to(ROOT) else args.carry}"]
+                if args.carry
+                else []
+            )
+        ),
         "quick": args.quick,
     }
     if "call" in parts:

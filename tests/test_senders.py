@@ -190,3 +190,31 @@ def test_a_burst_wakes_a_sender_once_per_batch_not_once_per_event() -> None:
         assert collector.unique_ids() == set(ids) and collector.duplicates() == {}
         assert len(told) <= 2 * 20000 // 100 + 2, len(told)
         client.shutdown(timeout=5)
+
+
+def test_a_job_for_later_wakes_no_waiting_thread_while_another_is_busy() -> None:
+    # One thread sends (its request in flight), one waits. A batch's first event (a job
+    # due in 0.3 s) wakes neither: the busy one asks when its request ends. Woken, the
+    # waiting one took over the timing and then the work, in turns with the other:
+    # measured 10.5 sender wakes per batch instead of 3 after a burst left two threads.
+    engine = Engine()
+    sending, idle = threading.Event(), threading.Event()
+    started = threading.Semaphore(0)
+
+    def hold(until: threading.Event) -> Callable[[], None]:
+        def job() -> None:
+            started.release()
+            assert until.wait(10)
+
+        return job
+
+    assert engine.submit(hold(sending)) and engine.submit(hold(idle))
+    assert started.acquire(timeout=10) and started.acquire(timeout=10)
+    idle.set()
+    _until(lambda: engine._waiting == 1, "one thread waits")
+    feeder = _Timed(time.monotonic() + 0.3, jobs=1)
+    engine.activate(feeder, feeder.due[0])
+    time.sleep(0.1)
+    assert feeder.asked == []  # nobody was woken for it
+    sending.set()  # the request ends: that thread asks, and times the job
+    assert feeder.done.wait(10)
