@@ -115,7 +115,8 @@ def main() -> int:
         for part in CARRIED:
             if part not in results and part in earlier:
                 results[part] = earlier[part]
-                results.setdefault("carried", {})[part] = earlier["date"]
+                when = earlier.get("carried", {}).get(part, earlier["date"])  # carried twice: its own date
+                results.setdefault("carried", {})[part] = when
     if args.reading:
         results["reading"] = args.reading.read_text()
     target = write(results, args.output_dir, args.top)
