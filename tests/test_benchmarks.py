@@ -33,8 +33,7 @@ def test_quick_benchmark_writes_results_charts_and_report(tmp_path: Path) -> Non
     )
     (result,) = tmp_path.glob("*.json")
     data = json.loads(result.read_text())
-    counted = data["instructions"]  # callgrind where valgrind is installed
-    assert "skipped" in counted or counted["instructions"]["cdpmp-call"] > 1000, counted
+    assert "skipped" in data["instructions"]  # callgrind is for the full run, never the suite
     calls = data["call_cost"]["targets"]
     assert set(calls) >= {"official", "segment", "cdpmp-direct", "cdpmp-shared", "cdpmp-sync"}
     assert all(row["delivered_ratio"] == 1.0 for name, row in calls.items() if name.startswith("cdpmp"))
