@@ -52,7 +52,11 @@ def _run_until_signalled(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**{k: v for k, v in os.environ.items() if not k.startswith("CDP_")}, **env},
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("CDP_")},
+            "PYTHONFAULTHANDLER": "1",
+            **env,
+        },
     )
     try:
         assert proc.stdout is not None
@@ -65,7 +69,14 @@ def _run_until_signalled(
                 except subprocess.TimeoutExpired:
                     pass
             proc.send_signal(sig)
-        out, err = proc.communicate(timeout=40)
+        try:
+            out, err = proc.communicate(timeout=40)
+        except subprocess.TimeoutExpired:
+            # Where every thread of the child stands (faulthandler, at SIGABRT), for
+            # the failure's message: a stop that hangs is otherwise a bare timeout.
+            proc.send_signal(signal.SIGABRT)
+            out, err = proc.communicate(timeout=10)
+            raise AssertionError(f"the child did not end within 40 s:\n{err[-6000:]}") from None
         return subprocess.CompletedProcess(proc.args, proc.returncode, ready + out, err)
     finally:
         if proc.poll() is None:
@@ -153,22 +164,65 @@ def test_a_sigterm_landing_inside_the_engines_lock_still_drains(collector: Colle
     # The instant made deterministic: the main thread holds the engine's lock when the
     # signal arrives (as when it lands in track() activating a sender). Waiting in the
     # handler would wait on that lock: before, nothing was sent until exit_timeout.
-    inside = (
-        "from cdpmp._senders import engine\n"
-        "wake = engine()._wake_locked\n"
-        "def signalled(start):\n"
-        "    engine()._wake_locked = wake  # once\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    sum(range(1000))  # the handler runs here, inside activate(), its lock held\n"
-        "    return wake(start)\n"
-        "engine()._wake_locked = signalled\n"
-        "analytics.flush(0.1)  # asks the engine for a sender: activate()\n"
-    )
-    script = _script(collector).replace("time.sleep(60)", inside + "time.sleep(60)")
+    script = _script(collector).replace("time.sleep(60)", _deferred("time.sleep(60)"))
     done = _run_until_signalled(script, {"CDP_EXIT_TIMEOUT": "20"}, [])
     assert done.returncode == -signal.SIGTERM, done.stderr[-2000:]
     assert sorted(collector.message_ids()) == sorted(_ids(EVENTS)), done.stderr[-2000:]
     assert "did not end" not in done.stderr
+
+
+def _deferred(then: str, after_handler: str = "") -> str:
+    """Lines that make SIGTERM land inside cdpmp (the deferred drain), run
+    ``after_handler`` right after the handler returned (still inside), then ``then``.
+    Only the main thread's call is the one: a sender thread asking first would take
+    the process-directed kill itself."""
+    return (
+        "import threading\n"
+        "from cdpmp._senders import engine\n"
+        "wake = engine()._wake_locked\n"
+        "def signalled(start):\n"
+        "    if threading.current_thread() is not threading.main_thread():\n"
+        "        return wake(start)\n"
+        "    engine()._wake_locked = wake  # once\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    sum(range(1000))  # the handler runs here, inside activate(), its lock held\n"
+        f"    {after_handler}\n"
+        "    return wake(start)\n"
+        "engine()._wake_locked = signalled\n"
+        "analytics.flush(0.1)  # asks the engine for a sender: activate()\n" + then
+    )
+
+
+def test_a_deferred_drain_raises_again_until_the_main_thread_runs_its_handler(
+    collector: Collector,
+) -> None:
+    # The drain thread's first raise at the main thread is lost, as one is when it
+    # lands after the main thread let go of the GIL but before its sleep() began
+    # (Python 3.9 under load: 3 runs in 10 slept their 60 s): the next one ends it.
+    lose_one = (
+        "real, lost = signal.pthread_kill, []\n"
+        "def flaky(ident, signum):\n"
+        "    if not lost:\n"
+        "        lost.append(signum)\n"
+        "        return\n"
+        "    real(ident, signum)\n"
+        "signal.pthread_kill = flaky\n"
+    )
+    script = _script(collector).replace("time.sleep(60)", _deferred(lose_one + "time.sleep(60)"))
+    done = _run_until_signalled(script, {"CDP_EXIT_TIMEOUT": "20"}, [])
+    assert done.returncode == -signal.SIGTERM, done.stderr[-2000:]
+    assert sorted(collector.message_ids()) == sorted(_ids(EVENTS)), done.stderr[-2000:]
+
+
+def test_a_main_thread_that_never_runs_the_handler_still_ends(collector: Collector) -> None:
+    # SIGTERM blocked in the main thread once the deferred drain began: no re-raise can
+    # reach it, and the process exits with SIGTERM's status after RAISE_FOR seconds.
+    block = "signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])"
+    script = _script(collector).replace("time.sleep(60)", _deferred("time.sleep(60)", block))
+    done = _run_until_signalled(script, {"CDP_EXIT_TIMEOUT": "20"}, [])
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr[-2000:]
+    assert sorted(collector.message_ids()) == sorted(_ids(EVENTS)), done.stderr[-2000:]
+    assert "did not run the SIGTERM handler within 5 s: exiting" in done.stderr
 
 
 def test_exit_under_load_drains_what_was_queued_and_counts_what_came_after(
