@@ -162,3 +162,62 @@ def test_new_server_setups_behind_a_slow_endpoint_with_an_outage(
     assert [line for line in output.splitlines() if "cdpmp:" in line] == [], output[-5000:]
     assert_exactly_once(tls_collector, ok, 3, import_events=1 if setup == "gevent-preload" else 0)
     assert any(r.status == 503 for r in tls_collector.requests)  # the outage was met
+
+
+def test_greenlets_that_build_shared_mode_while_the_host_lock_is_busy_never_deadlock(
+    collector: Collector, runtime_dir: str
+) -> None:
+    # As in a gunicorn gevent worker: cdpmp imported before gevent patched threading (the
+    # conf line runs in the master), so its module-level locks are OS locks. The first
+    # greenlet builds the client under one while the uploader holds the host lock; a
+    # wait that switched greenlets there let the next greenlet block the OS thread on
+    # that lock, and the worker hung for good (CI: 298 of 300 requests answered).
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+            import fcntl, os, sys
+            os.makedirs({runtime_dir!r}, mode=0o700, exist_ok=True)
+            fd = os.open(os.path.join({runtime_dir!r}, "ring.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            print("held", flush=True)
+            sys.stdin.readline()  # released when this process ends
+        """),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    script = textwrap.dedent(f"""
+        import sys
+        from cdpmp import analytics
+        from gevent import monkey
+        monkey.patch_all()
+        import gevent
+        analytics.write_key, analytics.endpoint = {collector.write_key!r}, {collector.url!r}
+        print("ready", flush=True)  # the host lock is released 0.2 s later, within LOCK_WAIT
+        jobs = [gevent.spawn(analytics.track, "u", "E", message_id=f"g-{{i}}") for i in range(4)]
+        gevent.joinall(jobs, timeout=20)
+        print(sorted(job.value[0] for job in jobs if job.ready()), flush=True)
+        analytics.flush(20)
+    """)
+    env = {**os.environ, "CDP_MODE": "shared", "CDP_RUNTIME_DIR": runtime_dir}
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        assert child.stdout is not None and child.stdout.readline() == "ready\n"
+        time.sleep(0.2)
+        holder.communicate("release\n", timeout=10)
+        out, err = child.communicate(timeout=60)
+    finally:
+        for proc in (holder, child):
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert child.returncode == 0 and "[True, True, True, True]" in out, err[-3000:]
+    assert "cdpmp" not in err, err[-3000:]  # shared mode as asked: no fallback, no warning
+    assert collector.wait_for(4, timeout=20)
+    assert sorted(collector.message_ids()) == [f"g-{i}" for i in range(4)]

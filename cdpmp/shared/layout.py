@@ -69,8 +69,9 @@ import logging
 import mmap
 import os
 import struct
+import sys
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from .files import RuntimeDirError
 
@@ -135,7 +136,16 @@ class RingBusy(OSError):
 
 
 def flock_within(fd: int, timeout: float) -> None:
+    """Take the host lock within ``timeout`` seconds, polling every millisecond.
+
+    The wait blocks the OS thread, never switches greenlets, where gevent or eventlet
+    patched ``time.sleep``: its callers may hold a lock made before the patching (an
+    OS lock: cdpmp is imported in a gunicorn master, the workers patch after fork),
+    and a greenlet switched in then blocks the OS thread on that lock for good (a
+    gevent worker that hung at its first requests, seen in CI). The wait is bounded
+    and the uploader holds the lock for microseconds."""
     deadline = time.monotonic() + timeout
+    sleep = _os_sleep()
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -143,7 +153,18 @@ def flock_within(fd: int, timeout: float) -> None:
         except BlockingIOError:
             if time.monotonic() >= deadline:
                 raise RingBusy("the ring lock is held by another process") from None
-            time.sleep(0.001)
+            sleep(0.001)
+
+
+def _os_sleep() -> Callable[[float], None]:
+    """``time.sleep`` as it was before gevent or eventlet patched it (if either did)."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched("time"):
+        return monkey.get_original("time", "sleep")  # type: ignore[no-any-return]
+    patcher = sys.modules.get("eventlet.patcher")
+    if patcher is not None and patcher.is_monkey_patched("time"):
+        return patcher.original("time").sleep  # type: ignore[no-any-return]
+    return time.sleep
 
 
 class Record(NamedTuple):
