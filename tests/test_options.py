@@ -1,6 +1,6 @@
 """The one options table, the one outcome policy and the module map.
 
-Adding an option is a change in ``cdpmp/_options.py`` plus its use: these tests check
+Adding an option is a change in ``cdpmp/_option_table.py`` plus its use: these tests check
 that everything else (``Client``'s signature, the module settings, the environment,
 the uploader's source entries, the README) follows from that table.
 """
@@ -107,7 +107,7 @@ def _string_constants(tree: ast.AST) -> Set[str]:
 def test_no_module_but_the_table_names_an_environment_variable() -> None:
     offenders = {}
     for path in PACKAGE.rglob("*.py"):
-        if path.name == "_options.py":
+        if path.name == "_option_table.py":
             continue
         names = _string_constants(ast.parse(path.read_text()))
         found = sorted(s for s in names if re.fullmatch(r"CDP_[A-Z0-9_]+", s))
