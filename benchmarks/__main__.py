@@ -23,7 +23,7 @@ from benchmarks.common import progress
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARTS = "call,load,scaling,network,engine,instructions"
-CARRIED = ("call_cost", "load", "scaling", "network", "engine", "instructions", "soak")
+CARRIED = ("call_cost", "load", "scaling", "network", "engine", "instructions", "soak", "soak_shared")
 NEEDED = {
     "customerio": "customerio-cdp-analytics==1.1.0",
     "segment": "segment-analytics-python",
@@ -108,8 +108,9 @@ def main() -> int:
     if "soak" in parts:
         from benchmarks import soak
 
-        progress("part 6: soak with outages (threads and descriptors)")
+        progress("part 6: soak with outages (threads and descriptors), direct mode then shared")
         results["soak"] = soak.run(args.soak_seconds)
+        results["soak_shared"] = soak.run(args.soak_seconds, mode="shared")
     if args.carry:
         earlier = json.loads(args.carry.read_text())
         for part in CARRIED:

@@ -360,6 +360,9 @@ def markdown(results: Dict[str, Any], chart_files: List[str], chart_dir: str) ->
 
         lines += ["", "## 1c. Soak with outages: threads and descriptors per worker", ""]
         lines += soak.markdown(results["soak"]).splitlines()
+        if results.get("soak_shared"):
+            lines += ["", "Shared mode, the uploader sending for the four workers:", ""]
+            lines += soak.markdown(results["soak_shared"]).splitlines()
     load = results.get("load")
     if load:
         lines += [

@@ -32,7 +32,7 @@ def read_counters(directory: Optional[str] = None) -> Tuple[Optional[str], Optio
         return None, None
     ring = Ring(found[0])
     try:
-        return found[0], dict(ring.counters())
+        return found[0], dict(ring.header.counters())
     finally:
         ring.close()
 

@@ -359,7 +359,7 @@ def test_a_sidecar_uploader_in_its_own_pid_namespace(runtime_dir: str, collector
         assert wait_until(lambda: os.path.isfile(os.path.join(runtime_dir, "ring")), 20)
         ring = Ring(runtime_dir)
         try:
-            assert wait_until(lambda: ring.uploader()[0] == 1, 20)  # its pid, in its namespace
+            assert wait_until(lambda: ring.header.uploader()[0] == 1, 20)  # its pid, in its namespace
         finally:
             ring.close()
         client = _shared(collector)

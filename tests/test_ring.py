@@ -76,7 +76,7 @@ def test_wrap_around_with_pad_and_short_remainders_keeps_every_payload(directory
     assert pads > 10 and shorts > 0  # both kinds of wrap were exercised
     head, tail, count = ring.bounds()
     assert head == tail and count == 0
-    assert ring.counters()["corrupt"] == 0
+    assert ring.header.counters()["corrupt"] == 0
 
 
 def test_a_pad_record_is_written_where_a_record_would_cross_the_end(directory: str) -> None:
@@ -102,7 +102,7 @@ def test_damaged_bytes_are_skipped_counted_and_never_stop_what_follows(directory
     damaged = again[4]
     assert (damaged.start, damaged.end) == (victim.start, victim.end)
     assert [json.loads(r.payload)["i"] for r in again if r.source == 3] == [0, 1, 2, 3, 5, 6, 7, 8, 9]
-    assert ring.counters()["corrupt"] == 1
+    assert ring.header.counters()["corrupt"] == 1
 
 
 def test_a_truncated_last_record_is_skipped_to_the_tail(directory: str) -> None:
@@ -206,14 +206,14 @@ def test_the_uploader_quarantines_damage_and_delivers_the_rest(
     try:
         assert collector.wait_for(19, timeout=30)
         deadline = time.monotonic() + 30
-        while ring.counters()["depth"] or not ring.counters()["dead_lettered"]:
-            assert time.monotonic() < deadline, ring.counters()
+        while ring.header.counters()["depth"] or not ring.header.counters()["dead_lettered"]:
+            assert time.monotonic() < deadline, ring.header.counters()
             time.sleep(0.05)
     finally:
         proc.terminate()
         proc.wait(30)
     assert collector.unique_ids() == set(good) and collector.duplicates() == {}
-    host = ring.counters()
+    host = ring.header.counters()
     assert host["corrupt"] == 1 and host["dead_lettered"] == 1 and host["sent"] == 19
     lines = [json.loads(x) for x in Path(directory, "dead-letter.jsonl").read_text().splitlines()]
     by_source = {line["source"]: line for line in lines}
@@ -227,15 +227,15 @@ def test_each_source_is_held_to_its_own_limit(directory: str) -> None:
     ring = Ring(directory, capacity=1 << 16, max_count=10)  # the creator's limit: 10
     assert sum(ring.put(1, b"a", limit=5) for _ in range(8)) == 5
     assert sum(ring.put(2, b"b", limit=20) for _ in range(30)) == 20  # past the creator's 10
-    assert sorted(ring.sources()) == [(1, 5, 5), (2, 20, 20)]
+    assert sorted(ring.header.sources()) == [(1, 5, 5), (2, 20, 20)]
     head, _, _ = ring.bounds()
     records = ring.read(head, 3, 1 << 20)  # the uploader frees three of source 1's
     ring.release(records[-1].end, 3)
     holding.settle_counts(ring, {1: 3})
-    assert sorted(ring.sources()) == [(1, 2, 5), (2, 20, 20)]
+    assert sorted(ring.header.sources()) == [(1, 2, 5), (2, 20, 20)]
     assert sum(ring.put(1, b"a", limit=5) for _ in range(8)) == 3
     struct.pack_into("<Q", ring.mm, 1536 + 8, 99)  # drift left by a crash mid-put
-    assert holding.recount(ring) == 25 and sorted(ring.sources()) == [(1, 5, 5), (2, 20, 20)]
+    assert holding.recount(ring) == 25 and sorted(ring.header.sources()) == [(1, 5, 5), (2, 20, 20)]
 
 
 def test_limits_follow_configuration_across_a_redeploy(runtime_dir: str, collector: Collector) -> None:
@@ -281,9 +281,9 @@ def test_host_depth_counts_only_what_is_waiting_behind_a_held_record(directory: 
     assert ring.put(2, b"b-0")
     for n in range(500):
         assert ring.put(1, b"a-%d" % n)
-    assert ring.counters()["depth"] == 501
+    assert ring.header.counters()["depth"] == 501
     holding.settle_counts(ring, {1: 500})  # the uploader delivered A's, not B's
-    stats = ring.counters()
+    stats = ring.header.counters()
     assert stats["depth"] == 1 and ring.bounds()[2] == 501
     assert {s["source"]: s["depth"] for s in stats["sources"]} == {f"{1:016x}": 0, f"{2:016x}": 1}
     ring.close()

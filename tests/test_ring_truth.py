@@ -39,7 +39,7 @@ WRITER = textwrap.dedent(
         records = ring.read(head, 1 << 20, 1 << 30)
         ring.release(records[-2].end, len(records) - 1)  # all but the last
         holding.settle_counts(ring, {1: len(records) - 1})
-        ring.bump("sent", 50)
+        ring.header.bump("sent", 50)
     print("done", flush=True)
     """
 )
@@ -57,7 +57,7 @@ def test_lock_free_reads_never_see_a_value_that_was_never_stored(tmp_path: Path)
         last_accepted = last_sent = last_tail = 0
         while writer.poll() is None and reads < 2_000_000:
             head, tail, count = reader.peek()
-            host = reader.counters()
+            host = reader.header.counters()
             reads += 1
             if tail > 0 and (count == 0 or tail == head):
                 empty += 1
@@ -347,7 +347,7 @@ def test_a_probe_in_flight_is_moved_out_of_the_way_and_its_outcome_decides_the_c
         end = time.monotonic() + 20
         while not until():
             assert time.monotonic() < end, what
-            dispatch._safe_cycle(draining=False)
+            dispatch.cycle(draining=False)
             time.sleep(0.005)
 
     monkeypatch.setenv("CDP_RING_BYTES", str(128 << 10))
@@ -387,9 +387,12 @@ def test_a_probe_in_flight_is_moved_out_of_the_way_and_its_outcome_decides_the_c
             turn(lambda: down.unique_ids() == b_ids and len(up.unique_ids()) == 400, "all delivered")
             turn(lambda: dispatch.ring.bounds()[0] == dispatch.ring.bounds()[1], "the ring emptied")
             for _ in range(20):  # nothing left to send twice
-                dispatch._safe_cycle(draining=False)
+                dispatch.cycle(draining=False)
             assert down.duplicates() == {} and up.duplicates() == {}
-            assert [held for _, held, _ in dispatch.ring.sources()] == [0, 0] and not dispatch._shadows._copy
+            assert [held for _, held, _ in dispatch.ring.header.sources()] == [
+                0,
+                0,
+            ] and not dispatch._shadows._copy
         finally:
             os.close(lock)
             a.shutdown(timeout=1)

@@ -95,7 +95,7 @@ def test_dead_letters_are_bounded_by_the_tmpfs_and_the_overflow_counted(small_tm
         out = _producer(collector, 3000, max_queue_size=100000)
         assert out.returncode == 0, out.stderr[-3000:]
         deadline = time.monotonic() + 60
-        script = "import json, cdpmp.shared.ring as r; print(json.dumps(r.Ring(__import__('sys').argv[1]).counters()))"
+        script = "import json, cdpmp.shared.ring as r; print(json.dumps(r.Ring(__import__('sys').argv[1]).header.counters()))"
         while True:
             host = __import__("json").loads(
                 subprocess.run(

@@ -1,8 +1,10 @@
 """The uploader's delivery loop: ring records → per-source batches → requests.
 
 :class:`Dispatch` owns everything between the ring and the endpoint for one uploader
-(the process side — election, signals, draining, idle exit, replaced files — is
-:class:`cdpmp.shared.uploader.Uploader`, its subclass). Only the uploader's main
+(the process side — election, signals, when to drain, idle exit, replaced files — is
+:class:`cdpmp.shared.uploader.Uploader`, which holds one and drives it through the
+public methods below: :meth:`open`, :meth:`cycle`, :meth:`pause`, :meth:`busy`,
+:meth:`begin_drain`, :meth:`land`, :meth:`take_undone`, :meth:`cancel`). Only the uploader's main
 thread calls these methods and touches the ring; requests run on the process's sender
 threads (:meth:`cdpmp._senders.Engine.submit`) and come back through ``_done``, settled
 by the same rule as direct mode's (:func:`cdpmp._engine.settle`).
@@ -98,7 +100,45 @@ class Dispatch:
             transport = self._transports[sid] = Transport(settings, announce=settings.debug)
             self._lanes[sid] = Lane(settings.max_in_flight, transport.policy)
 
-    def _pause(self, seconds: float) -> None:
+    # -- what the uploader drives ----------------------------------------------------------
+
+    def open(self) -> None:
+        """Open the ring at the directory and start from its head, the records' host
+        counts recounted (a previous uploader may have died between two updates)."""
+        self.ring = Ring(self.directory)
+        self._forget(self.ring.bounds()[0])
+        holding.recount(self.ring)
+
+    def busy(self) -> bool:
+        """Records read and not yet released, or a request in flight."""
+        return bool(self._flying or self._window)
+
+    def in_flight(self) -> bool:
+        return bool(self._flying)
+
+    def begin_drain(self) -> None:
+        """The stop's drain starts: no backoff left from before, failures counted anew."""
+        self.stop.clear()
+        self._backoff_until = 0.0
+        self.failed_since_drain = False
+
+    def land(self, deadline: float) -> None:
+        """Let the requests in flight end (by ``deadline``), settling and releasing them."""
+        while self._flying and time.monotonic() < deadline:
+            self.pause(POLL)
+            self._release(self.ring.bounds()[0])
+
+    def take_undone(self) -> List[Record]:
+        """Every record of the ring not yet done, removed from it (``take_all``)."""
+        done = set(self._acked)
+        return [r for r in self.ring.take_all() if r.start not in done]
+
+    def cancel(self) -> None:
+        """Cancel the requests still running: their records stay in the ring."""
+        for transport in self._transports.values():
+            transport.cancel()
+
+    def pause(self, seconds: float) -> None:
         """Wait for a finished request (handled at once) or ``seconds``."""
         if not self._flying:
             self.stop.wait(seconds)
@@ -108,12 +148,12 @@ class Dispatch:
         except queue.Empty:
             pass
 
-    def _safe_cycle(self, draining: bool, deadline: Optional[float] = None) -> bool:
+    def cycle(self, draining: bool, deadline: Optional[float] = None) -> bool:
         """One pass; a bug in it is logged loudly and backed off, never a crash loop."""
         try:
             return self._cycle(draining, deadline)
         except Exception as exc:  # noqa: BLE001 - logged as an internal error, then backed off
-            self.ring.set_error(str(internal_error("the uploader", exc)))
+            self.ring.header.set_error(str(internal_error("the uploader", exc)))
             self._failures += 1
             self._backoff_until = time.monotonic() + _AFTER_A_BUG.delay(self._failures)
             return False
@@ -199,9 +239,9 @@ class Dispatch:
             if rec.source in self._sources:
                 adopted.setdefault(rec.source, []).append(rec)
             elif now - seen >= ORPHAN_GRACE:
-                self.ring.bump("unknown_source")
+                self.ring.header.bump("unknown_source")
                 if not append_dead_letter(self.directory, rec.source, "unknown source", [rec.payload]):
-                    self.ring.bump("dead_letter_overflow")
+                    self.ring.header.bump("dead_letter_overflow")
                 self._done_with([rec])
             else:
                 kept.append((seen, rec))
@@ -302,10 +342,10 @@ class Dispatch:
         self._flying.difference_update(r.start for r in job.items)
         pending = self._pending.setdefault(sid, collections.deque())
         done = settle(lane, job, outcome, backlogged(pending, self._sources[sid].upload_size), wall, cpu)
-        self.ring.bump("requests", done.requests)
+        self.ring.header.bump("requests", done.requests)
         for part in done.delivered:
-            self.ring.bump("sent", len(part))
-            self.ring.bump("batches")
+            self.ring.header.bump("sent", len(part))
+            self.ring.header.bump("batches")
             self._done_with(part)
         for error, part in done.losses:
             self._dead_letter(sid, part, error)
@@ -326,10 +366,10 @@ class Dispatch:
             self._transports[sid].keep_idle(lane.limit)
         self._widest[sid] = lane.limit
         if job.retries:
-            self.ring.bump("retries")
+            self.ring.header.bump("retries")
         if done.error is not None:
             self.failed_since_drain = True
-            self.ring.set_error(str(done.error))
+            self.ring.header.set_error(str(done.error))
             logger.warning(
                 "cdpmp uploader: %s; keeping the batch, next probe in %.1fs", done.error, done.pause
             )
@@ -364,19 +404,19 @@ class Dispatch:
             "cdpmp uploader: %d damaged byte(s) in the ring skipped, dead-lettered", rec.end - rec.start
         )
         if not append_dead_letter(self.directory, CORRUPT, "damaged ring bytes", [rec.payload]):
-            self.ring.bump("dead_letter_overflow")
+            self.ring.header.bump("dead_letter_overflow")
         self._acked.add(rec.start)
         self._recount = True  # the damage may have been a counted record
 
     def _dead_letter(self, sid: int, batch: List[Record], error: DeliveryError) -> None:
-        self.ring.bump("failed", len(batch))
-        self.ring.bump("dead_lettered", len(batch))
-        self.ring.set_error(str(error))
+        self.ring.header.bump("failed", len(batch))
+        self.ring.header.bump("dead_lettered", len(batch))
+        self.ring.header.set_error(str(error))
         logger.warning(
             "cdpmp uploader: batch of %d given up (%s); written to dead-letter.jsonl", len(batch), error
         )
         if not append_dead_letter(self.directory, sid, error, [r.payload for r in batch]):
-            self.ring.bump("dead_letter_overflow", len(batch))
+            self.ring.header.bump("dead_letter_overflow", len(batch))
         self._done_with(batch)
 
 

@@ -1,8 +1,9 @@
 """The ring header's bookkeeping: producers, the uploader, counters, sources, errors.
 
-:class:`RingHeader` is the part of :class:`cdpmp.shared.ring.Ring` that reads and
-writes the header's fixed fields (see :mod:`.layout` for where each lives); the
-records themselves are :mod:`.ring`'s. Every write happens under the ring's locks.
+:class:`RingHeader` reads and writes the header's fixed fields of a mapped ring (see
+:mod:`.layout` for where each lives); a :class:`cdpmp.shared.ring.Ring` holds one as
+``ring.header`` and lends it its locks. The records themselves are :mod:`.ring`'s.
+Every write happens under the ring's locks.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 import struct
 import time
 from contextlib import AbstractContextManager
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 from .._outcome import HostStats
 from .layout import (
@@ -34,16 +35,18 @@ from .layout import (
     store,
 )
 
+Locked = Callable[[Optional[float]], AbstractContextManager[None]]
+
 
 class RingHeader:
-    """Header fields of a mapped ring (``mm``), under the ring's locks (``_locked``)."""
+    """Header fields of a mapped ring (``mm``), under the ring's locks (``locked``:
+    both of them, waiting at most the seconds given, ``None``: unbounded)."""
 
-    mm: mmap.mmap
-    capacity: int
-    max_count: int
-
-    def _locked(self, timeout: Optional[float] = None) -> AbstractContextManager[None]:
-        raise NotImplementedError  # pragma: no cover - provided by Ring
+    def __init__(self, mm: mmap.mmap, locked: Locked, capacity: int, max_count: int) -> None:
+        self.mm = mm
+        self._locked = locked
+        self.capacity = capacity
+        self.max_count = max_count
 
     def sources(self) -> List[Tuple[int, int, int]]:
         """(source, records held, limit) of every source slot in use."""
@@ -73,7 +76,7 @@ class RingHeader:
         return out
 
     def set_uploader(self, pid: int, create_time: float) -> None:
-        with self._locked():
+        with self._locked(None):
             store(self.mm, 160, UPLOADER, pid, create_time, time.time())
 
     def heartbeat(self) -> None:
@@ -86,22 +89,23 @@ class RingHeader:
     def claim_spawn(self, min_interval: float) -> bool:
         """True for the one caller per ``min_interval`` seconds allowed to spawn."""
         now = time.time()
-        with self._locked(timeout=0.5):
+        with self._locked(0.5):
             (last,) = struct.unpack_from("<d", self.mm, SPAWN_AT)
             if now - last < min_interval:
                 return False
             store(self.mm, SPAWN_AT, F64, now)
-            self._bump_locked("spawns")
+            self.bump_locked("spawns")
             return True
 
-    def _bump_locked(self, name: str, n: int = 1) -> None:
+    def bump_locked(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to the counter ``name``; the caller holds the ring's locks."""
         at = COUNTERS_AT + 8 * COUNTERS.index(name)
         (value,) = struct.unpack_from("<Q", self.mm, at)
         store(self.mm, at, U64, value + n)
 
     def bump(self, name: str, n: int = 1) -> None:
-        with self._locked():
-            self._bump_locked(name, n)
+        with self._locked(None):
+            self.bump_locked(name, n)
 
     def set_error(self, text: str, timeout: Optional[float] = None) -> None:
         raw = text.encode("utf-8", "replace")[: ERROR_LEN - 1]

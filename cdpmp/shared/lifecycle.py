@@ -53,7 +53,7 @@ def alive(ring: Ring) -> bool:
     and either its pid is alive here or — when the pid means nothing to us (a sidecar
     in another PID namespace sharing only the runtime directory) — someone holds the
     election lock, which the kernel frees when its holder dies."""
-    pid, _, beat = ring.uploader()
+    pid, _, beat = ring.header.uploader()
     if not pid or time.time() - beat >= STALE_AFTER:
         return False
     return pid_alive(pid) or election_held(os.path.dirname(ring.path))
@@ -180,9 +180,9 @@ def ensure(ring: Ring, directory: str, wait: float = 0.0) -> bool:
         preflight(directory)
         _gone_since_spawn(directory)
     except OSError as exc:
-        ring.set_error(f"no uploader: {exc}", timeout=0.5)
+        ring.header.set_error(f"no uploader: {exc}", timeout=0.5)
         raise
-    if ring.claim_spawn(SPAWN_EVERY):
+    if ring.header.claim_spawn(SPAWN_EVERY):
         spawn(directory)
         _spawned.append(time.monotonic())
     deadline = time.monotonic() + wait
@@ -196,7 +196,7 @@ def ensure(ring: Ring, directory: str, wait: float = 0.0) -> bool:
 def stop(ring: Ring, timeout: float) -> bool:
     """SIGTERM the live uploader (it drains first) and wait up to ``timeout`` seconds
     for it to exit. The pid is checked against its create time before signalling."""
-    pid, ctime, _ = ring.uploader()
+    pid, ctime, _ = ring.header.uploader()
     if not pid:
         return True
     try:

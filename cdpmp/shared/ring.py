@@ -68,7 +68,7 @@ WEDGED_FOR = 2.0
 _OPEN: weakref.WeakSet[Ring] = weakref.WeakSet()  # this process's handles
 
 
-class Ring(RingHeader):
+class Ring:
     """One process's handle on the ring. Re-open (``Ring(path...)``) after fork."""
 
     def __init__(self, directory: str, capacity: int = 32 << 20, max_count: int = 10000) -> None:
@@ -89,6 +89,7 @@ class Ring(RingHeader):
         _, _, _, cap, limit = struct.unpack_from("<8sIIQQ", self.mm, 0)
         self.capacity: int = cap
         self.max_count: int = limit
+        self.header = RingHeader(self.mm, self._locked, cap, limit)
 
     def _map(self, capacity: int, max_count: int) -> mmap.mmap:
         """Map the ring, creating it if needed; every page is reserved up front
@@ -187,7 +188,7 @@ class Ring(RingHeader):
                 at_src = self._source_slot(source)
                 held = U64.unpack_from(mm, at_src + 8)[0] if at_src else count
                 if held >= limit or self._append_locked(source, payload, head, tail, count) < 0:
-                    self._bump_locked("queue_full")
+                    self.header.bump_locked("queue_full")
                     return False
                 if at_src:
                     store(mm, at_src, SRC, source, held + 1, limit)
@@ -311,7 +312,7 @@ class Ring(RingHeader):
             if marker != RECORD or length > MAX_PAYLOAD or pos + rec_size + length > cap or end > tail:
                 end = self._resync(offset + 8, tail)
                 if tally:  # counted once, by the reader that hands it on
-                    self.bump("corrupt")
+                    self.header.bump("corrupt")
                 raw = bytes(
                     mm[HEADER_SIZE + pos : HEADER_SIZE + min(cap, pos + min(end - offset, MAX_PAYLOAD))]
                 )

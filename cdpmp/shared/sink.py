@@ -188,7 +188,7 @@ class SharedSink:
                 write_source(self._dir, self._source, source_entry(self._settings))
         if not self._registered:
             self._registered = True
-            ring.register_producer(os.getpid(), _create_time(os.getpid()))
+            ring.header.register_producer(os.getpid(), _create_time(os.getpid()))
         try:
             lifecycle.ensure(ring, self._dir)
         except OSError as exc:
@@ -294,7 +294,7 @@ class SharedSink:
         return int(self._here().peek()[2])
 
     def host(self) -> Optional[HostStats]:
-        return self._here().counters()
+        return self._here().header.counters()
 
 
 def _watch(ref: weakref.ReferenceType[SharedSink], pid: int, stop: threading.Event) -> None:

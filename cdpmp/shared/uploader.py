@@ -46,7 +46,6 @@ import filelock
 import psutil
 
 from .._options import host_settings
-from . import holding
 from .dispatch import POLL, Dispatch
 from .files import LOG_LIMIT, UPLOADER_LOCK, ensure_dir, open_private, path, runtime_dir
 from .ring import Ring
@@ -56,12 +55,13 @@ logger = logging.getLogger("cdpmp.uploader")
 IDLE_POLL = 0.25  # the slowest poll, reached after ~1 s without work
 
 
-class Uploader(Dispatch):
+class Uploader:
     """The uploader process: election, serving, draining, idle exit, replaced files;
-    the delivery loop itself is :class:`Dispatch`."""
+    the delivery loop itself is its :class:`Dispatch`."""
 
     def __init__(self, directory: str, auto: bool = False) -> None:
-        super().__init__(directory)
+        self.directory = directory
+        self.dispatch = Dispatch(directory)
         host = host_settings()
         self.drain_timeout = host.uploader_drain_timeout
         # Only an auto-started uploader leaves when idle; one run by systemd or as a
@@ -94,18 +94,17 @@ class Uploader(Dispatch):
     def _serve(self) -> bool:
         """Serve until stopped or idle (False), or until the ring file is removed or
         replaced (True: what it held was carried into the new one)."""
-        self.ring = Ring(self.directory)
-        self._forget(self.ring.bounds()[0])
-        holding.recount(self.ring)
+        dispatch = self.dispatch
+        dispatch.open()
         me = psutil.Process()
-        self.ring.set_uploader(me.pid, me.create_time())
+        dispatch.ring.header.set_uploader(me.pid, me.create_time())
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop.set())
+            signal.signal(sig, lambda *_: dispatch.stop.set())
         logger.info("cdpmp uploader %d serving %s", me.pid, self.directory)
         poll, next_files_check = POLL, 0.0
-        while not self.stop.is_set():
-            self.ring.heartbeat()
-            if self._safe_cycle(draining=False) or self._flying or self._window:
+        while not dispatch.stop.is_set():
+            dispatch.ring.header.heartbeat()
+            if dispatch.cycle(draining=False) or dispatch.busy():
                 poll = POLL
             else:
                 if self._should_idle_exit() and self._leave():
@@ -114,11 +113,11 @@ class Uploader(Dispatch):
                 poll = min(IDLE_POLL, poll * 1.5)
             if time.monotonic() >= next_files_check:
                 next_files_check = time.monotonic() + 1.0
-                if self.ring.replaced() and self._carry_over():
+                if dispatch.ring.replaced() and self._carry_over():
                     return True
-            self._pause(poll)
+            dispatch.pause(poll)
         self._drain()
-        self.ring.set_uploader(0, 0.0)
+        dispatch.ring.header.set_uploader(0, 0.0)
         return False
 
     def _carry_over(self) -> bool:
@@ -131,20 +130,17 @@ class Uploader(Dispatch):
         except OSError as exc:
             logger.warning("cdpmp uploader: the ring was removed and cannot be made again: %s", exc)
             return False
-        deadline = time.monotonic() + self.drain_timeout
-        while self._flying and time.monotonic() < deadline:
-            self._pause(POLL)
-            self._release(self.ring.bounds()[0])
-        done = set(self._acked)
-        records = [r for r in self.ring.take_all() if r.start not in done]
-        old, self.ring = self.ring, ring
+        dispatch = self.dispatch
+        dispatch.land(time.monotonic() + self.drain_timeout)
+        records = dispatch.take_undone()
+        old, dispatch.ring = dispatch.ring, ring
         lost = sum(1 for r in records if not ring.put(r.source, r.payload, 1 << 62))
         logger.warning(
             "cdpmp uploader: the ring was removed or replaced; %d record(s) carried into the new one, %d lost",
             len(records) - lost,
             lost,
         )
-        ring.bump("queue_full", lost)
+        ring.header.bump("queue_full", lost)
         old.close()
         ring.close()  # served again after the election: a fresh handle, fresh state
         return True
@@ -153,42 +149,41 @@ class Uploader(Dispatch):
         """Idle exit: unpublish first, then look once more, so that an event put
         while we were deciding is either seen here or by a producer that finds no
         uploader and starts one. False (stay) if the ring is not empty."""
-        self.ring.set_uploader(0, 0.0)
-        head, tail, _ = self.ring.bounds()
+        ring = self.dispatch.ring
+        ring.header.set_uploader(0, 0.0)
+        head, tail, _ = ring.bounds()
         if head == tail:
             logger.info(
                 "cdpmp uploader: idle for %.0f s with no live producer; exiting", self.idle_exit or 0.0
             )
             return True
         me = psutil.Process()
-        self.ring.set_uploader(me.pid, me.create_time())
+        ring.header.set_uploader(me.pid, me.create_time())
         return False
 
     def _drain(self) -> None:
+        dispatch, ring = self.dispatch, self.dispatch.ring
         deadline = time.monotonic() + self.drain_timeout
-        self.stop.clear()
-        self._backoff_until = 0.0
-        self.failed_since_drain = False
+        dispatch.begin_drain()
         while time.monotonic() < deadline:
-            self.ring.heartbeat()
-            head, tail, _ = self.ring.bounds()
-            if head == tail and not self._flying:
+            ring.header.heartbeat()
+            head, tail, _ = ring.bounds()
+            if head == tail and not dispatch.in_flight():
                 return
-            if self.failed_since_drain and not self._flying:
+            if dispatch.failed_since_drain and not dispatch.in_flight():
                 # The endpoint fails now: waiting out the deadline would hold the stop
                 # (a gunicorn master, a deploy) for nothing. The records stay in the
                 # ring, durable, for the next uploader.
                 logger.warning(
                     "cdpmp uploader: the endpoint is failing at the stop; %d record(s) stay in the ring",
-                    self.ring.bounds()[2],
+                    ring.bounds()[2],
                 )
                 return
-            if not self._safe_cycle(draining=True, deadline=deadline):
-                self._pause(min(POLL, max(0.0, deadline - time.monotonic())))
-        for transport in self._transports.values():
-            transport.cancel()  # requests still running: their records stay in the ring
+            if not dispatch.cycle(draining=True, deadline=deadline):
+                dispatch.pause(min(POLL, max(0.0, deadline - time.monotonic())))
+        dispatch.cancel()
         logger.warning(
-            "cdpmp uploader: drain deadline passed; %d record(s) stay in the ring", self.ring.bounds()[2]
+            "cdpmp uploader: drain deadline passed; %d record(s) stay in the ring", ring.bounds()[2]
         )
 
     def _should_idle_exit(self) -> bool:
@@ -198,8 +193,9 @@ class Uploader(Dispatch):
         if now < self._next_idle_check:  # producer liveness costs psutil calls: once a second
             return False
         self._next_idle_check = now + 1.0
-        head, tail, _ = self.ring.peek()
-        if head != tail or any(_producer_alive(pid, ctime) for pid, ctime in self.ring.producers()):
+        ring = self.dispatch.ring
+        head, tail, _ = ring.peek()
+        if head != tail or any(_producer_alive(pid, ctime) for pid, ctime in ring.header.producers()):
             self._idle_since = time.monotonic()
             return False
         return time.monotonic() - self._idle_since >= self.idle_exit
