@@ -367,10 +367,10 @@ def test_a_probe_in_flight_is_moved_out_of_the_way_and_its_outcome_decides_the_c
             dispatch._forget(dispatch.ring.bounds()[0])
             dispatch._load_sources()
             b_source = b._sink._source  # type: ignore[attr-defined]
-            gated = dispatch._transports[b_source] = Gated(dispatch._transports[b_source])  # type: ignore[assignment]
+            gated = dispatch._sources[b_source].transport = Gated(dispatch._sources[b_source].transport)  # type: ignore[assignment]
             gated.gate.set()
             down.fail_next(1, 503)
-            turn(lambda: dispatch._lanes[b_source].failures == 1, "B's first request failed")
+            turn(lambda: dispatch._sources[b_source].lane.failures == 1, "B's first request failed")
             gated.gate.clear()
             turn(gated.entered.is_set, "B's probe started")
             refused = 0

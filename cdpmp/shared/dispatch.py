@@ -27,18 +27,19 @@ import threading
 import time
 from typing import Deque, Dict, List, Optional, Set, Tuple
 
-from .._engine import Held, Lane, Outcome, backlogged, deliver, settle, take_batch
+from .._engine import Held, Outcome, backlogged, deliver, settle, take_batch
 from .._lane import RequestRate
-from .._options import Settings, from_source_entry, host_settings
+from .._options import host_settings
 from .._outcome import internal_error
 from .._retry import RetryPolicy
 from .._senders import engine
-from .._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES, Transport
-from ..errors import CdpmpError, DeliveryError
-from . import holding
-from .files import append_dead_letter, read_sources
+from .._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES
+from ..errors import DeliveryError
+from . import holding, sources
+from .files import append_dead_letter
 from .layout import CORRUPT, Record
 from .ring import Ring
+from .sources import Source
 
 #: Backoff after an internal error in a pass of the loop (not an endpoint's answer).
 _AFTER_A_BUG = RetryPolicy(backoff_cap=5.0)
@@ -61,10 +62,7 @@ class Dispatch:
     def __init__(self, directory: str) -> None:
         self.directory = directory
         self.stop = threading.Event()
-        self._sources: Dict[int, Settings] = {}
-        self._transports: Dict[int, Transport] = {}
-        self._lanes: Dict[int, Lane] = {}
-        self._widest: Dict[int, int] = {}  # source -> its lane's limit when a request last ended
+        self._sources: Dict[int, Source] = {}
         self._cursor = -1
         self._window: Deque[Record] = collections.deque()
         self._pending: Dict[int, Deque[Record]] = {}
@@ -87,18 +85,7 @@ class Dispatch:
         self._turn = 0
 
     def _load_sources(self) -> None:
-        for key, entry in read_sources(self.directory).items():
-            sid = int(key)
-            if sid in self._sources:
-                continue
-            try:
-                settings = from_source_entry(entry)
-            except (CdpmpError, TypeError, ValueError):
-                logger.warning("cdpmp uploader: ignoring an invalid source entry %s", key)
-                continue
-            self._sources[sid] = settings
-            transport = self._transports[sid] = Transport(settings, announce=settings.debug)
-            self._lanes[sid] = Lane(settings.max_in_flight, transport.policy)
+        sources.load(self.directory, self._sources)
 
     # -- what the uploader drives ----------------------------------------------------------
 
@@ -135,8 +122,8 @@ class Dispatch:
 
     def cancel(self) -> None:
         """Cancel the requests still running: their records stay in the ring."""
-        for transport in self._transports.values():
-            transport.cancel()
+        for source in self._sources.values():
+            source.transport.cancel()
 
     def pause(self, seconds: float) -> None:
         """Wait for a finished request (handled at once) or ``seconds``."""
@@ -196,7 +183,7 @@ class Dispatch:
         head, tail, _ = self.ring.peek()
         if not self._window or not holding.crowded(self.ring, head, tail):
             return False
-        failing = {sid for sid, lane in self._lanes.items() if lane.failures or lane.wait(now) > 0}
+        failing = {sid for sid, source in self._sources.items() if source.failing(now)}
         moved: List[Record] = []
         blocked_others = False
         for rec in self._window:
@@ -301,7 +288,7 @@ class Dispatch:
             self._turn = (self._turn + 1) % len(order)
             order = order[self._turn :] + order[: self._turn]
         for sid, pending in order:
-            settings, lane = self._sources[sid], self._lanes[sid]
+            settings, lane = self._sources[sid].settings, self._sources[sid].lane
             due = draining or now - self._seen.get(sid, now) >= settings.upload_interval
             while pending and lane.slots(now) > 0:
                 batch, _ = take_batch(pending, settings.upload_size, _ROOM, _payload_size)
@@ -317,7 +304,7 @@ class Dispatch:
         return started
 
     def _start(self, sid: int, batch: List[Record], deadline: Optional[float]) -> None:
-        lane, transport = self._lanes[sid], self._transports[sid]
+        lane, transport = self._sources[sid].lane, self._sources[sid].transport
         retries, first = self._tries.get(batch[0].start, (0, 0.0))
         job = Held(batch, retries, first)
         self._jobs.add(job)
@@ -333,7 +320,8 @@ class Dispatch:
     def _settle(self, sid: int, job: Held, outcome: Outcome, wall: float, cpu: float) -> None:
         """Account for one finished request; its records become done, or stay in the
         ring for a later probe (retryable failure)."""
-        lane = self._lanes[sid]
+        source = self._sources[sid]
+        lane = source.lane
         self._jobs.discard(job)
         if id(job) in self._stale:  # started before the ring was replaced: its records moved
             self._stale.discard(id(job))
@@ -341,7 +329,7 @@ class Dispatch:
             return
         self._flying.difference_update(r.start for r in job.items)
         pending = self._pending.setdefault(sid, collections.deque())
-        done = settle(lane, job, outcome, backlogged(pending, self._sources[sid].upload_size), wall, cpu)
+        done = settle(lane, job, outcome, backlogged(pending, source.settings.upload_size), wall, cpu)
         self.ring.header.bump("requests", done.requests)
         for part in done.delivered:
             self.ring.header.bump("sent", len(part))
@@ -362,9 +350,7 @@ class Dispatch:
                 if copy[1] is not None:  # else it is queued when it is read
                     again.append(copy[1])
             pending.extendleft(reversed(again))  # first in line for the probe
-        if lane.limit < self._widest.get(sid, 1):  # sockets follow the lane, as threads do
-            self._transports[sid].keep_idle(lane.limit)
-        self._widest[sid] = lane.limit
+        source.ended()
         if job.retries:
             self.ring.header.bump("retries")
         if done.error is not None:
