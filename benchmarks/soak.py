@@ -29,7 +29,7 @@ from cdpmp.testing import Collector, Conditions, Outage
 WORKER = textwrap.dedent(
     """
     import json, sys, time, cdpmp
-    w, url, key, seconds, mode = int(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5]
+    w, url, key, seconds, mode, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4]), *sys.argv[5:]
     client = cdpmp.Client(key, endpoint=url, mode=mode)
     start, n, ids = time.monotonic(), 0, []
     while time.monotonic() - start < seconds:
@@ -40,7 +40,8 @@ WORKER = textwrap.dedent(
         n += 1
     time.sleep(12)  # idle: the sender threads exit, the sockets close
     assert client.flush(timeout=60)
-    print(json.dumps(ids))
+    with open(out, "w") as f:  # not stdout: 75,000 ids fill a pipe nobody reads yet
+        json.dump(ids, f)
     """
 )
 
@@ -69,8 +70,9 @@ def run(seconds: float, cycle: float = 30.0, mode: str = "direct") -> Dict[str, 
     outages = tuple(Outage(c + cycle * 0.4, c + cycle * 0.6, 503) for c in range(0, int(seconds), int(cycle)))
     series: List[Dict[str, Any]] = []
     env = dict(os.environ)
-    directory = tempfile.mkdtemp(prefix="cdpmp-soak-")
-    os.rmdir(directory)  # cdpmp makes it, 0700
+    scratch = tempfile.mkdtemp(prefix="cdpmp-soak-")
+    outs = [os.path.join(scratch, f"ids-{w}.json") for w in range(4)]
+    directory = os.path.join(scratch, "runtime")  # cdpmp makes it, 0700
     if mode == "shared":
         env.update(CDP_RUNTIME_DIR=directory, CDP_UPLOADER_IDLE_EXIT="5")
     with Collector(conditions=Conditions(latency=0.1, outages=outages), strict=False) as collector:
@@ -85,12 +87,11 @@ def run(seconds: float, cycle: float = 30.0, mode: str = "direct") -> Dict[str, 
                     collector.write_key,
                     str(seconds),
                     mode,
+                    out,
                 ],
-                stdout=subprocess.PIPE,
-                text=True,
                 env=env,
             )
-            for w in range(4)
+            for w, out in enumerate(outs)
         ]
         start = time.monotonic()
         uploader: Optional[psutil.Process] = None
@@ -105,7 +106,9 @@ def run(seconds: float, cycle: float = 30.0, mode: str = "direct") -> Dict[str, 
                     row["uploader"] = {"threads": sum(up["threads"]), "fds": sum(up["fds"])}
                 series.append(row)
                 time.sleep(1.0)
-            accepted = [mid for p in procs for mid in json.loads(p.communicate(timeout=120)[0])]
+            for p in procs:
+                p.wait(timeout=120)
+            accepted = [mid for out in outs for mid in json.loads(open(out).read())]
         finally:
             for p in procs:
                 if p.poll() is None:
@@ -125,7 +128,7 @@ def run(seconds: float, cycle: float = 30.0, mode: str = "direct") -> Dict[str, 
         if found is not None:
             found.terminate()
             psutil.wait_procs([found], timeout=30)
-        shutil.rmtree(directory, ignore_errors=True)
+    shutil.rmtree(scratch, ignore_errors=True)
     progress(f"soak: {result['accepted']} accepted, {result['lost']} lost, {result['duplicates']} duplicated")
     return result
 
