@@ -380,7 +380,7 @@ def test_a_probe_in_flight_is_moved_out_of_the_way_and_its_outcome_decides_the_c
                     sent = i + 1 - refused
                     turn(lambda sent=sent: len(up.unique_ids()) >= sent, "A's events delivered")  # type: ignore[misc]
             assert refused == 0 and not gated.gate.is_set() and dispatch._flying
-            turn(lambda: dispatch._cursor == dispatch.ring.bounds()[1], "the copies read, waiting")
+            turn(lambda: dispatch.window.cursor == dispatch.ring.bounds()[1], "the copies read, waiting")
             if probe == "fails":
                 down.fail_next(1, 503)
             gated.gate.set()
@@ -392,7 +392,7 @@ def test_a_probe_in_flight_is_moved_out_of_the_way_and_its_outcome_decides_the_c
             assert [held for _, held, _ in dispatch.ring.header.sources()] == [
                 0,
                 0,
-            ] and not dispatch._shadows._copy
+            ] and not dispatch.window.shadows._copy
         finally:
             os.close(lock)
             a.shutdown(timeout=1)

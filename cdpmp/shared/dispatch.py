@@ -9,13 +9,10 @@ thread calls these methods and touches the ring; requests run on the process's s
 threads (:meth:`cdpmp._senders.Engine.submit`) and come back through ``_done``, settled
 by the same rule as direct mode's (:func:`cdpmp._engine.settle`).
 
-State, per pass: every record between ``head`` and ``_cursor`` has been parsed once,
-into ``_window`` (ring order, for releasing the done prefix) and, until it is started,
-into its source's ``_pending`` queue; the ring is never re-parsed while records wait.
-A record is then in flight (``_flying``), done (``_acked``: sent, dead-lettered or
-quarantined) or back in ``_pending`` after a retryable failure. ``head`` advances only
-over the done prefix, so a crash resends at most what was in flight. Records of a
-source missing from ``sources.json`` wait in ``_orphans`` for ``ORPHAN_GRACE``.
+What a pass has read of the ring and which of it is done is its :class:`.window.Window`
+(made anew by ``_forget``); this module starts the batches each source's lane allows
+(:class:`.sources.Source`), settles them, and gives up what must be: a final answer or a
+source missing from ``sources.json`` for ``ORPHAN_GRACE`` (dead-letter file, counted).
 """
 
 from __future__ import annotations
@@ -40,6 +37,7 @@ from .files import append_dead_letter
 from .layout import CORRUPT, Record
 from .ring import Ring
 from .sources import Source
+from .window import Window
 
 #: Backoff after an internal error in a pass of the loop (not an endpoint's answer).
 _AFTER_A_BUG = RetryPolicy(backoff_cap=5.0)
@@ -63,22 +61,13 @@ class Dispatch:
         self.directory = directory
         self.stop = threading.Event()
         self._sources: Dict[int, Source] = {}
-        self._cursor = -1
-        self._window: Deque[Record] = collections.deque()
-        self._pending: Dict[int, Deque[Record]] = {}
-        self._orphans: Deque[Tuple[float, Record]] = collections.deque()  # (read at, record)
+        self.window = Window()
         self._next_adoption = 0.0
-        self._seen: Dict[int, float] = {}  # source -> when its oldest pending record was read
-        self._acked: Set[int] = set()  # starts of records done but not yet released
         self._flying: Set[int] = set()  # starts of records whose request is in progress
-        self._shadows = holding.Shadows()  # copies of records moved while in flight
-        self._tries: Dict[int, Tuple[int, float]] = {}  # start -> (retries, first failure)
         self._done: queue.SimpleQueue[Tuple[int, Held, Outcome, float, float]] = queue.SimpleQueue()
         self._backoff_until = 0.0
         self._failures = 0
         self.failed_since_drain = False  # a request failed (retryable) since the drain began
-        self._recount = False
-        self._settled: Dict[int, int] = {}  # source -> records done, not yet uncounted
         self._jobs: Set[Held] = set()  # requests in progress
         self._stale: Set[int] = set()  # ids of those started before the last _forget
         self._rate = RequestRate(host_settings().uploader_max_rate)
@@ -98,7 +87,7 @@ class Dispatch:
 
     def busy(self) -> bool:
         """Records read and not yet released, or a request in flight."""
-        return bool(self._flying or self._window)
+        return bool(self._flying or self.window.records)
 
     def in_flight(self) -> bool:
         return bool(self._flying)
@@ -113,11 +102,11 @@ class Dispatch:
         """Let the requests in flight end (by ``deadline``), settling and releasing them."""
         while self._flying and time.monotonic() < deadline:
             self.pause(POLL)
-            self._release(self.ring.bounds()[0])
+            self.window.release(self.ring, self.ring.bounds()[0])
 
     def take_undone(self) -> List[Record]:
         """Every record of the ring not yet done, removed from it (``take_all``)."""
-        done = set(self._acked)
+        done = set(self.window.acked)
         return [r for r in self.ring.take_all() if r.start not in done]
 
     def cancel(self) -> None:
@@ -158,138 +147,94 @@ class Dispatch:
         now = time.monotonic()
         if now < self._backoff_until and not draining:
             return progressed
+        window = self.window
         head, tail, _ = self.ring.peek()  # lock-free: the idle poll costs no syscall
-        if tail == self._cursor and not self._window:  # everything read is released
+        if tail == window.cursor and not window.records:  # everything read is released
             return progressed
         head, tail, _ = self.ring.bounds()
-        if not head <= self._cursor <= tail:  # first pass, or the ring was reset under us
-            self._forget(head)
-        if tail > self._cursor and len(self._window) < MAX_RECORDS_READ:
+        if not head <= window.cursor <= tail:  # first pass, or the ring was reset under us
+            window = self._forget(head)
+        if tail > window.cursor and len(window.records) < MAX_RECORDS_READ:
             progressed = self._read(tail) or progressed
-        if self._orphans and now >= self._next_adoption:
+        if window.orphans and now >= self._next_adoption:
             self._next_adoption = now + 1.0
             self._adopt(now)
         started = self._dispatch(draining, deadline, now)
-        if self._settled:  # what each source holds: its undelivered events (.holding)
-            holding.settle_counts(self.ring, self._settled)
-            self._settled = {}
-        released = self._release(head)
-        return self._recycle(now) or released or started or progressed
-
-    def _recycle(self, now: float) -> bool:
-        """Move the records of backing-off sources that hold the ring's head to its
-        tail, so that head passes what was delivered behind them (see
-        :mod:`.holding`); True if any moved."""
-        head, tail, _ = self.ring.peek()
-        if not self._window or not holding.crowded(self.ring, head, tail):
-            return False
+        if window.settled:  # what each source holds: its undelivered events (.holding)
+            holding.settle_counts(self.ring, window.settled)
+            window.settled = {}
+        released = window.release(self.ring, head)
         failing = {sid for sid, source in self._sources.items() if source.failing(now)}
-        moved: List[Record] = []
-        blocked_others = False
-        for rec in self._window:
-            if rec.start in self._acked:
-                continue
-            if rec.source in failing and rec.payload:  # in flight or not (holding.Shadows)
-                moved.append(rec)
-                continue
-            blocked_others = True  # a record of another source waits behind them
-            break
-        if not moved or not blocked_others:
-            return False
-        starts = holding.requeue(self.ring, [(r.source, r.payload) for r in moved])
-        moved = moved[: len(starts)]
-        for rec, start in zip(moved, starts):
-            if rec.start in self._flying or rec.start in self._shadows:
-                self._shadows.moved(rec.start, start)  # the probe's outcome decides
-            else:
-                tries = self._tries.pop(rec.start, None)
-                if tries is not None:
-                    self._tries[start] = tries
-            self._acked.add(rec.start)  # the copy is the same event: still counted held
-        gone = {r.start for r in moved}
-        for sid in {r.source for r in moved}:
-            self._pending[sid] = collections.deque(r for r in self._pending[sid] if r.start not in gone)
-        if moved:
-            logger.info(
-                "cdpmp uploader: %d held record(s) moved to the tail, out of the others' way", len(moved)
-            )
-        return bool(moved) and self._release(self.ring.peek()[0])
+        return window.recycle(self.ring, failing, self._flying) or released or started or progressed
 
     def _adopt(self, now: float) -> None:
         """Records of a source missing from ``sources.json`` (removed under us; its
         producers write their entry again within a second of their next call) are
         held for ``ORPHAN_GRACE`` seconds, then dead-lettered, counted."""
         self._load_sources()
+        window = self.window
         kept: Deque[Tuple[float, Record]] = collections.deque()
         adopted: Dict[int, List[Record]] = {}
-        for seen, rec in self._orphans:
+        for seen, rec in window.orphans:
             if rec.source in self._sources:
                 adopted.setdefault(rec.source, []).append(rec)
             elif now - seen >= ORPHAN_GRACE:
                 self.ring.header.bump("unknown_source")
                 if not append_dead_letter(self.directory, rec.source, "unknown source", [rec.payload]):
                     self.ring.header.bump("dead_letter_overflow")
-                self._done_with([rec])
+                window.done_with([rec])
             else:
                 kept.append((seen, rec))
-        self._orphans = kept
+        window.orphans = kept
         for sid, records in adopted.items():  # older than anything pending for them
-            self._pending.setdefault(sid, collections.deque()).extendleft(reversed(records))
-            self._seen[sid] = now
+            window.pending.setdefault(sid, collections.deque()).extendleft(reversed(records))
+            window.seen[sid] = now
 
-    def _forget(self, head: int) -> None:
+    def _forget(self, head: int) -> Window:
         """Start over from ``head``: nothing read, nothing in flight. Requests still
         running belong to the previous pass (``_stale``) and are ignored when they end."""
         self._stale.update(id(job) for job in self._jobs)
         self._flying.clear()
-        self._cursor = head
-        self._window.clear()
-        self._pending.clear()
-        self._orphans.clear()
-        self._seen.clear()
-        self._acked.clear()
-        self._tries.clear()
-        self._settled.clear()
-        self._shadows.clear()
+        self.window = Window(head)
+        return self.window
 
     def _read(self, tail: int) -> bool:
-        records = self.ring.read(self._cursor, WINDOW_RECORDS, WINDOW_BYTES)
+        window = self.window
+        records = self.ring.read(window.cursor, WINDOW_RECORDS, WINDOW_BYTES)
         if not records:
             return False
         if any(r.payload and r.source not in self._sources and r.source != CORRUPT for r in records):
             self._load_sources()
         now = time.monotonic()
         for rec in records:
-            self._window.append(rec)
+            window.records.append(rec)
             if rec.source == CORRUPT:  # damaged bytes: quarantined, never sent
                 self._quarantine(rec)
                 continue
             if not rec.payload:
-                self._acked.add(rec.start)  # nothing to send: free it with the rest
+                window.acked.add(rec.start)  # nothing to send: free it with the rest
                 continue
-            if rec.start in self._acked or self._shadows.read(rec):
+            if rec.start in window.acked or window.shadows.read(rec):
                 continue  # a copy whose probe ended delivered, or still flies
             if rec.source not in self._sources:  # its entry may come back: hold it a while
-                self._orphans.append((now, rec))
+                window.orphans.append((now, rec))
                 continue
-            pending = self._pending.setdefault(rec.source, collections.deque())
-            if not pending:
-                self._seen[rec.source] = now
-            pending.append(rec)
-        self._cursor = records[-1].end
+            window.queue(rec, now)
+        window.cursor = records[-1].end
         return True
 
     def _dispatch(self, draining: bool, deadline: Optional[float], now: float) -> bool:
         """Start the batches each source's lane allows (a failing source backs off
         alone: the others' records are read and sent past its backlog)."""
         started = False
-        order = list(self._pending.items())
+        seen = self.window.seen
+        order = list(self.window.pending.items())
         if len(order) > 1:  # each source goes first in turn: a paced host serves them all
             self._turn = (self._turn + 1) % len(order)
             order = order[self._turn :] + order[: self._turn]
         for sid, pending in order:
             settings, lane = self._sources[sid].settings, self._sources[sid].lane
-            due = draining or now - self._seen.get(sid, now) >= settings.upload_interval
+            due = draining or now - seen.get(sid, now) >= settings.upload_interval
             while pending and lane.slots(now) > 0:
                 batch, _ = take_batch(pending, settings.upload_size, _ROOM, _payload_size)
                 if len(batch) < settings.upload_size and not pending and not due:
@@ -300,12 +245,12 @@ class Dispatch:
                     return started
                 self._start(sid, batch, deadline)
                 started = True
-                self._seen[sid] = now  # what is left arrived after what was sent
+                seen[sid] = now  # what is left arrived after what was sent
         return started
 
     def _start(self, sid: int, batch: List[Record], deadline: Optional[float]) -> None:
         lane, transport = self._sources[sid].lane, self._sources[sid].transport
-        retries, first = self._tries.get(batch[0].start, (0, 0.0))
+        retries, first = self.window.tries.get(batch[0].start, (0, 0.0))
         job = Held(batch, retries, first)
         self._jobs.add(job)
         lane.started()
@@ -328,28 +273,17 @@ class Dispatch:
             lane.finished()
             return
         self._flying.difference_update(r.start for r in job.items)
-        pending = self._pending.setdefault(sid, collections.deque())
+        window = self.window
+        pending = window.pending.setdefault(sid, collections.deque())
         done = settle(lane, job, outcome, backlogged(pending, source.settings.upload_size), wall, cpu)
         self.ring.header.bump("requests", done.requests)
         for part in done.delivered:
             self.ring.header.bump("sent", len(part))
             self.ring.header.bump("batches")
-            self._done_with(part)
+            window.done_with(part)
         for error, part in done.losses:
             self._dead_letter(sid, part, error)
-        for held in reversed(done.retry):
-            again: List[Record] = []
-            for rec in held.items:
-                copy = self._shadows.resolve(rec.start)  # moved while in flight: retry the copy
-                if copy is None:
-                    self._tries[rec.start] = (held.retries, held.first_failed)
-                    again.append(rec)
-                    continue
-                self._tries.pop(rec.start, None)
-                self._tries[copy[0]] = (held.retries, held.first_failed)
-                if copy[1] is not None:  # else it is queued when it is read
-                    again.append(copy[1])
-            pending.extendleft(reversed(again))  # first in line for the probe
+        window.retry(done.retry, pending)
         source.ended()
         if job.retries:
             self.ring.header.bump("retries")
@@ -360,39 +294,14 @@ class Dispatch:
                 "cdpmp uploader: %s; keeping the batch, next probe in %.1fs", done.error, done.pause
             )
 
-    def _done_with(self, records: List[Record]) -> None:
-        for rec in records:
-            copy = self._shadows.resolve(rec.start)  # moved while in flight: the copy is done
-            self._acked.add(rec.start if copy is None else copy[0])
-            self._tries.pop(rec.start, None)
-            self._settled[rec.source] = self._settled.get(rec.source, 0) + 1
-
-    def _release(self, head: int) -> bool:
-        """Advance head over the done prefix of the records read (in ring order)."""
-        window, acked = self._window, self._acked
-        new_head, released = head, 0
-        while window and window[0].start in acked:
-            rec = window.popleft()
-            acked.discard(rec.start)
-            new_head = rec.end
-            if rec.payload and rec.source != CORRUPT:
-                released += 1
-        if new_head == head:
-            return False
-        self.ring.release(new_head, released)  # sources were uncounted at delivery
-        if self._recount:
-            self._recount = False
-            holding.recount(self.ring, self._acked)
-        return True
-
     def _quarantine(self, rec: Record) -> None:
         logger.warning(
             "cdpmp uploader: %d damaged byte(s) in the ring skipped, dead-lettered", rec.end - rec.start
         )
         if not append_dead_letter(self.directory, CORRUPT, "damaged ring bytes", [rec.payload]):
             self.ring.header.bump("dead_letter_overflow")
-        self._acked.add(rec.start)
-        self._recount = True  # the damage may have been a counted record
+        self.window.acked.add(rec.start)
+        self.window.recount = True  # the damage may have been a counted record
 
     def _dead_letter(self, sid: int, batch: List[Record], error: DeliveryError) -> None:
         self.ring.header.bump("failed", len(batch))
@@ -403,7 +312,7 @@ class Dispatch:
         )
         if not append_dead_letter(self.directory, sid, error, [r.payload for r in batch]):
             self.ring.header.bump("dead_letter_overflow", len(batch))
-        self._done_with(batch)
+        self.window.done_with(batch)
 
 
 def _payloads(records: List[Record]) -> List[bytes]:
