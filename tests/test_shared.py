@@ -339,17 +339,18 @@ def test_definitive_rejection_goes_to_the_dead_letter_file(runtime_dir: str, col
 def test_the_watch_thread_ends_when_the_ring_stays_empty_and_comes_back_on_demand(
     runtime_dir: str, collector: Collector, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import threading
 
     from cdpmp.shared import sink as shared_sink
 
     monkeypatch.setattr(shared_sink, "WATCH_IDLE_EXIT", 0.5)
     monkeypatch.setattr(shared_sink, "CHECK_EVERY", 0.1)
 
-    def watching() -> int:
-        return sum(t.name == "cdpmp-watch" for t in threading.enumerate())
-
     client = _shared(collector)
+
+    def watching() -> int:  # this client's (a sink of an earlier test may still have its own)
+        watcher = client._sink._watcher  # type: ignore[attr-defined]
+        return int(watcher is not None and watcher.is_alive() and watcher.name == "cdpmp-watch")
+
     try:
         client.track("u", "E", message_id="w-1")
         assert watching() == 1

@@ -177,23 +177,34 @@ class Ring:
         ``max_count``) or the ring has no room for the bytes."""
         mm = self.mm
         limit = limit or self.max_count
-        # Explicit acquire/release instead of the _locked() context manager: this is
-        # the producer's hot path and a generator-based context costs ≈1 µs.
-        if not self._tlock.acquire(timeout=LOCK_WAIT):
+        # The producer's hot path, written out: explicit acquire/release instead of the
+        # _locked() context manager (a generator-based context costs ≈1 µs), the
+        # uncontended locks tried first without a deadline (a timed acquire costs
+        # 0.3 µs more), and the 8-byte stores as the one slice copy store() makes.
+        tlock = self._tlock
+        if not tlock.acquire(False) and not tlock.acquire(timeout=LOCK_WAIT):
             raise RingBusy(f"the ring lock was held by this process for {LOCK_WAIT} s")
         try:
-            self._flock_bounded()
+            try:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._flock_bounded()
             try:
                 head, tail, count = HEAD_TAIL_COUNT.unpack_from(mm, 32)
                 at_src = self._source_slot(source)
-                held = U64.unpack_from(mm, at_src + 8)[0] if at_src else count
+                if at_src:
+                    _, held, asked = SRC.unpack_from(mm, at_src)
+                else:  # no slot of its own: held to the ring's count only
+                    held, asked = count, limit
                 if held >= limit or self._append_locked(source, payload, head, tail, count) < 0:
                     self.header.bump_locked("queue_full")
                     return False
-                if at_src:
+                if asked != limit:
                     store(mm, at_src, SRC, source, held + 1, limit)
+                elif at_src:
+                    mm[at_src + 8 : at_src + 16] = U64.pack(held + 1)
                 (accepted,) = U64.unpack_from(mm, ACCEPTED_AT)
-                store(mm, ACCEPTED_AT, U64, accepted + 1)
+                mm[ACCEPTED_AT : ACCEPTED_AT + 8] = U64.pack(accepted + 1)
             finally:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         finally:
@@ -215,10 +226,10 @@ class Ring:
             tail += gap
             pos = 0
         at = HEADER_SIZE + pos
-        store(mm, at, REC, size, RECORD, source)
-        mm[at + REC.size : at + REC.size + size] = payload
-        store(mm, 48, U64, count + 1)  # count before tail: whoever sees the new tail
-        store(mm, 40, U64, tail + need)  # sees its count too (stores stay in order)
+        mm[at : at + 16] = REC.pack(size, RECORD, source)  # as store() writes: one copy
+        mm[at + 16 : at + 16 + size] = payload
+        mm[48:56] = U64.pack(count + 1)  # count before tail: whoever sees the new tail
+        mm[40:48] = U64.pack(tail + need)  # sees its count too (stores stay in order)
         return tail
 
     def _flock_bounded(self) -> None:
