@@ -1,4 +1,5 @@
-"""The ring file's byte layout, its header checks, and how the file is reserved.
+"""The ring file's byte layout, its header checks, how the file is reserved, and how
+its records are parsed back (:func:`parse`, damaged bytes included).
 
 File ``ring`` in the runtime directory (0600), mapped ``MAP_SHARED`` by every process.
 All integers little-endian. Offsets are *monotonic* byte counts (never wrapped);
@@ -71,7 +72,7 @@ import os
 import struct
 import sys
 import time
-from typing import Callable, NamedTuple
+from typing import Callable, List, NamedTuple, Tuple
 
 from .files import RuntimeDirError
 
@@ -221,3 +222,57 @@ def header_problem(mm: mmap.mmap, size: int) -> str:
     if limit < 1 or head > tail or tail - head > cap or head % 8 or tail % 8 or count > (tail - head) // 16:
         return f"inconsistent header (head {head}, tail {tail}, count {count}, limit {limit})"
     return ""
+
+
+def parse(
+    mm: mmap.mmap, cap: int, start: int, tail: int, limit_records: int, limit_bytes: int
+) -> Tuple[List[Record], int]:
+    """The records from ``start`` up to ``tail`` (at most ``limit_records``, and past
+    ``limit_bytes`` of payload no more), and how many damaged spans were among them.
+    Damaged bytes come back as one :data:`CORRUPT` record (raw bytes, at most
+    ``MAX_PAYLOAD``) spanning up to the next position where a valid record starts:
+    they never stop what follows."""
+    unpack, rec_size = REC.unpack_from, REC.size  # locals: this loop runs per record
+    out: List[Record] = []
+    append = out.append
+    size = damaged = 0
+    offset = start
+    while offset < tail and len(out) < limit_records and size < limit_bytes:
+        pos = offset % cap
+        if cap - pos < rec_size:
+            offset += cap - pos
+            continue
+        length, marker, source = unpack(mm, HEADER_SIZE + pos)
+        if marker == PAD and pos + rec_size + length == cap:
+            offset += cap - pos
+            continue
+        end = offset + rec_size + ((length + 7) & ~7)
+        if marker != RECORD or length > MAX_PAYLOAD or pos + rec_size + length > cap or end > tail:
+            end = _resync(mm, cap, offset + 8, tail)
+            damaged += 1
+            raw = bytes(mm[HEADER_SIZE + pos : HEADER_SIZE + min(cap, pos + min(end - offset, MAX_PAYLOAD))])
+            append(Record(offset, end, CORRUPT, raw))
+            offset = end
+            continue
+        at = HEADER_SIZE + pos + rec_size
+        append(Record(offset, end, source, mm[at : at + length]))  # slicing an mmap copies
+        size += length
+        offset = end
+    return out, damaged
+
+
+def _resync(mm: mmap.mmap, cap: int, offset: int, tail: int) -> int:
+    """The first 8-aligned offset after damage where a plausible record (or the
+    end-of-area padding) starts; ``tail`` if none does."""
+    while offset < tail:
+        pos = offset % cap
+        if cap - pos < REC.size:
+            return offset + (cap - pos)
+        length, marker, _ = REC.unpack_from(mm, HEADER_SIZE + pos)
+        end = offset + REC.size + ((length + 7) & ~7)
+        if marker == RECORD and length <= MAX_PAYLOAD and pos + REC.size + length <= cap and end <= tail:
+            return offset
+        if marker == PAD and pos + REC.size + length == cap:
+            return offset
+        offset += 8
+    return tail

@@ -1,6 +1,7 @@
 """The host-wide shared-memory ring of shared mode: its handle and lock discipline.
 
-The byte layout, the header checks and the file's reservation are in :mod:`.layout`.
+The byte layout, the header checks, the file's reservation and the parsing of records
+are in :mod:`.layout`; the header's bookkeeping fields in :mod:`.header`.
 
 Lock discipline: every mutation of head/tail/count/counters happens under BOTH a
 ``threading.Lock`` (threads of one process share the lock fd, and ``flock`` does not
@@ -40,7 +41,6 @@ from .layout import (
     HEAD_TAIL_COUNT,
     HEADER_SIZE,
     MAGIC,
-    MAX_PAYLOAD,
     PAD,
     REC,
     RECORD,
@@ -55,6 +55,7 @@ from .layout import (
     fit,
     flock_within,
     header_problem,
+    parse,
     reserve,
     store,
 )
@@ -299,42 +300,10 @@ class Ring:
         record (raw bytes, at most ``MAX_PAYLOAD``) spanning up to the next position
         where a valid record starts, counted: they never stop what follows."""
         _, tail, _ = self.bounds()
-        return self._parse(start, tail, limit_records, limit_bytes, tally)
-
-    def _parse(
-        self, start: int, tail: int, limit_records: int, limit_bytes: int, tally: bool
-    ) -> List[Record]:
-        mm, cap = self.mm, self.capacity
-        unpack, rec_size = REC.unpack_from, REC.size  # locals: this loop runs per record
-        out: List[Record] = []
-        append = out.append
-        size = 0
-        offset = start
-        while offset < tail and len(out) < limit_records and size < limit_bytes:
-            pos = offset % cap
-            if cap - pos < rec_size:
-                offset += cap - pos
-                continue
-            length, marker, source = unpack(mm, HEADER_SIZE + pos)
-            if marker == PAD and pos + rec_size + length == cap:
-                offset += cap - pos
-                continue
-            end = offset + rec_size + ((length + 7) & ~7)
-            if marker != RECORD or length > MAX_PAYLOAD or pos + rec_size + length > cap or end > tail:
-                end = self._resync(offset + 8, tail)
-                if tally:  # counted once, by the reader that hands it on
-                    self.header.bump("corrupt")
-                raw = bytes(
-                    mm[HEADER_SIZE + pos : HEADER_SIZE + min(cap, pos + min(end - offset, MAX_PAYLOAD))]
-                )
-                append(Record(offset, end, CORRUPT, raw))
-                offset = end
-                continue
-            at = HEADER_SIZE + pos + rec_size
-            append(Record(offset, end, source, mm[at : at + length]))  # slicing an mmap copies
-            size += length
-            offset = end
-        return out
+        records, damaged = parse(self.mm, self.capacity, start, tail, limit_records, limit_bytes)
+        if damaged and tally:  # counted once, by the reader that hands it on
+            self.header.bump("corrupt", damaged)
+        return records
 
     def take_all(self) -> List[Record]:
         """Every record still in the ring, which is then left empty: used to carry what
@@ -342,7 +311,7 @@ class Ring:
         all the processes that map this ring exactly one takes each record."""
         with self._locked(LOCK_WAIT):
             head, tail, _ = HEAD_TAIL_COUNT.unpack_from(self.mm, 32)
-            records = self._parse(head, tail, 1 << 62, 1 << 62, tally=False)
+            records, _ = parse(self.mm, self.capacity, head, tail, 1 << 62, 1 << 62)
             store(self.mm, 32, HEAD_TAIL_COUNT, tail, tail, 0)
             for i in range(SOURCES):
                 store(self.mm, SOURCES_AT + i * SRC.size + 8, U64, 0)
@@ -356,23 +325,6 @@ class Ring:
         except OSError:
             return True
         return (info.st_dev, info.st_ino) != self.identity
-
-    def _resync(self, offset: int, tail: int) -> int:
-        """The first 8-aligned offset after damage where a plausible record (or the
-        end-of-area padding) starts; ``tail`` if none does."""
-        mm, cap = self.mm, self.capacity
-        while offset < tail:
-            pos = offset % cap
-            if cap - pos < REC.size:
-                return offset + (cap - pos)
-            length, marker, _ = REC.unpack_from(mm, HEADER_SIZE + pos)
-            end = offset + REC.size + ((length + 7) & ~7)
-            if marker == RECORD and length <= MAX_PAYLOAD and pos + REC.size + length <= cap and end <= tail:
-                return offset
-            if marker == PAD and pos + REC.size + length == cap:
-                return offset
-            offset += 8
-        return tail
 
     def release(self, new_head: int, records: int) -> None:
         """Free everything before ``new_head`` (``records`` records). What each source
