@@ -67,26 +67,31 @@ def test_a_step_up_is_kept_exactly_when_it_pays_the_stated_gain(per_request: flo
     assert (lane._held_level == 2 and lane.limit == 1) is not kept
 
 
-def test_a_ring_write_stores_the_count_before_the_tail(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_ring_write_stores_the_count_before_the_tail(tmp_path: Path) -> None:
     # A reader without the lock that sees the new tail must see its count: the store
-    # of count (offset 48) comes before the store of tail (offset 40).
+    # of count (offset 48) comes before the store of tail (offset 40). Seen at the
+    # mapping itself (an mmap subclass that records each write), however put() writes.
+    import mmap
+
     from cdpmp.shared import ring as ring_module
     from cdpmp.shared.files import ensure_dir
 
-    ring = ring_module.Ring(ensure_dir(str(tmp_path / "rt")), capacity=4096, max_count=100)
     order: List[int] = []
-    real = ring_module.store
 
-    def recording(mm: Any, at: int, layout: Any, *values: object) -> None:
-        order.append(at)
-        real(mm, at, layout, *values)
+    class Recording(mmap.mmap):
+        def __setitem__(self, key: Any, value: Any) -> None:
+            order.append(key.start if isinstance(key, slice) else key)
+            super().__setitem__(key, value)
 
-    monkeypatch.setattr(ring_module, "store", recording)
+    ring = ring_module.Ring(ensure_dir(str(tmp_path / "rt")), capacity=4096, max_count=100)
+    with open(ring.path, "r+b") as f:
+        mapped = Recording(f.fileno(), 0)
+    plain, ring.mm = ring.mm, mapped
     try:
         assert ring.put(1, b"payload")
     finally:
+        ring.mm = plain
+        mapped.close()
         ring.close()
     assert 48 in order and 40 in order and order.index(48) < order.index(40), order
 
