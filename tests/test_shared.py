@@ -340,6 +340,7 @@ def test_the_watch_thread_ends_when_the_ring_stays_empty_and_comes_back_on_deman
     runtime_dir: str, collector: Collector, monkeypatch: pytest.MonkeyPatch
 ) -> None:
 
+    from cdpmp._senders import engine
     from cdpmp.shared import sink as shared_sink
 
     monkeypatch.setattr(shared_sink, "WATCH_IDLE_EXIT", 0.5)
@@ -347,15 +348,16 @@ def test_the_watch_thread_ends_when_the_ring_stays_empty_and_comes_back_on_deman
 
     client = _shared(collector)
 
-    def watching() -> int:  # this client's (a sink of an earlier test may still have its own)
-        watcher = client._sink._watcher  # type: ignore[attr-defined]
-        return int(watcher is not None and watcher.is_alive() and watcher.name == "cdpmp-watch")
+    def watching() -> int:  # this client's watch, a timed job of the sender threads
+        watch = client._sink._watch  # type: ignore[attr-defined]
+        return int(watch is not None and not watch.done and watch in engine()._feeders)
 
     try:
         client.track("u", "E", message_id="w-1")
         assert watching() == 1
         assert client.flush(timeout=10)
-        assert wait_until(lambda: watching() == 0, timeout=10)  # idle: gone
+        assert wait_until(lambda: watching() == 0, timeout=10)  # idle: dropped
+        assert wait_until(lambda: engine().threads == 0, timeout=15)  # its thread too (IDLE_EXIT)
         time.sleep(0.2)  # past CHECK_EVERY: the next call checks the uploader again
         client.track("u", "E", message_id="w-2")
         assert watching() == 1  # back with the next event

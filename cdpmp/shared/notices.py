@@ -7,7 +7,7 @@ its ``on_error`` never ran, its ``stats()`` said nothing and its log was empty.
 
 Each source has an entry in the ring header (``NOTICES_AT``: source id and the
 dead-letter byte offset read up to, one 16-byte entry per source slot). A producer's
-periodic check (its watch thread every second, ``put()``, ``flush()``) compares the
+periodic check (its watch every second, ``put()``, ``flush()``) compares the
 file's size with its entry without a lock; when lines were added it *claims* them
 under the ring lock (reads from the offset to the last complete line and advances the
 offset), so that each line reaches exactly one process of its source: there it is

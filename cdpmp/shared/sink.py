@@ -13,12 +13,14 @@ At most once a second a producer checks the uploader's liveness and, if it is go
 starts one (:func:`.lifecycle.ensure`). ``track()`` alone cannot cover an uploader that
 dies just after accepting a host's last event (its heartbeat is still fresh at that
 check, and on a quiet host no further call comes): so the first ``put`` in a process
-also starts one small daemon *watch* thread, which wakes once a second and, only while
-the ring holds records, runs the same check. It exits after :data:`WATCH_IDLE_EXIT`
-seconds of an empty ring (the next ``put`` starts it again) or when told to
-(:meth:`SharedSink.stop_threads`, before a server forks), and is never started where
-threads may not run (a uWSGI master, workers without ``enable-threads``); there the
-next call or the exit flush covers it.
+also activates the *watch*, a timed job of the process's sender threads
+(:mod:`cdpmp._senders`: the one pool, idle rule and retire path of every thread cdpmp
+runs), which once a second and only while the ring holds records runs the same
+check. After :data:`WATCH_IDLE_EXIT` seconds of an empty ring it holds nothing and the
+engine drops it (its thread then exits as any idle sender does; the next ``put``
+activates it again); :meth:`SharedSink.stop_threads` (before a server forks) ends it.
+It never runs where threads may not (a uWSGI master, workers without
+``enable-threads``); there the next call or the exit flush covers it.
 """
 
 from __future__ import annotations
@@ -30,14 +32,14 @@ import os
 import threading
 import time
 import weakref
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import psutil
 
 from .._options import Settings, host_settings, source_entry
 from .._outcome import HostStats, Ledger
 from .._process import PROCESS
-from .._senders import IDLE_EXIT
+from .._senders import IDLE_EXIT, engine
 from ..errors import ConfigurationError, DeliveryError, MessageRejected
 from . import lifecycle, notices
 from .files import UPLOADER_LOG, RuntimeDirError, ensure_dir, read_sources, runtime_dir, write_source
@@ -47,7 +49,7 @@ from .ring import Ring
 logger = logging.getLogger("cdpmp")
 
 CHECK_EVERY = 1.0  # seconds between a producer's liveness checks
-#: Seconds of an empty ring after which the watch thread exits: the engine's sender
+#: Seconds of an empty ring after which the watch is done: the engine's sender
 #: threads' own idle exit, one rule for every thread cdpmp starts.
 WATCH_IDLE_EXIT = IDLE_EXIT
 
@@ -99,9 +101,7 @@ class SharedSink:
         self._next_check = 0.0
         self._registered = False
         self._checking = threading.Lock()  # one check at a time: put() or the watch
-        self._watch_pid = -1
-        self._watcher: Optional[threading.Thread] = None
-        self._watch_stop = threading.Event()
+        self._watch: Optional[_Watch] = None
 
     def reset_after_fork(self) -> None:
         if self._pid != os.getpid():
@@ -152,7 +152,7 @@ class SharedSink:
         return False
 
     def _check(self, now: float) -> None:
-        """The liveness check, from ``put`` or the watch thread, never both at once."""
+        """The liveness check, from ``put`` or the watch, never both at once."""
         if not self._checking.acquire(blocking=False):
             return
         try:
@@ -163,22 +163,20 @@ class SharedSink:
             self._ledger.log.warning("check", "cdpmp: shared mode check failed: %s", exc)
         finally:
             self._checking.release()
-        if self._watch_pid != self._pid and PROCESS.may_start_thread():
-            self._watch_pid = self._pid
-            self._watch_stop = stop = threading.Event()
-            self._watcher = threading.Thread(
-                target=_watch, args=(weakref.ref(self), self._pid, stop), name="cdpmp-watch", daemon=True
-            )
-            self._watcher.start()
+        watch = self._watch
+        if (watch is None or watch.done or watch.pid != self._pid) and PROCESS.may_start_thread():
+            self._watch = _Watch(self)
+            engine().activate(self._watch, time.monotonic() + CHECK_EVERY)
 
     def stop_threads(self, deadline: float) -> bool:
-        """End the watch thread (the uploader delivers; nothing else runs here)."""
-        watcher = self._watcher
-        if watcher is None or self._pid != os.getpid():
+        """End the watch, and the sender threads that ran it (the uploader delivers;
+        nothing else runs here)."""
+        watch = self._watch
+        if watch is None or self._pid != os.getpid():
             return True
-        self._watch_stop.set()
-        watcher.join(max(0.0, deadline - time.monotonic()))
-        return not watcher.is_alive()
+        watch.done = True
+        engine().forget(watch)
+        return engine().retire(deadline)
 
     def _check_uploader(self, ring: Ring) -> None:
         if ring.replaced():
@@ -297,33 +295,52 @@ class SharedSink:
         return self._here().header.counters()
 
 
-def _watch(ref: weakref.ReferenceType[SharedSink], pid: int, stop: threading.Event) -> None:
-    """The watch thread (see the module docstring). Holds the sink only weakly, and
-    ends when the sink is gone, retired or belongs to another pid, when ``stop`` is
-    set, or after WATCH_IDLE_EXIT seconds of an empty ring."""
-    idle_since = time.monotonic()
-    try:
-        while not stop.wait(CHECK_EVERY):
-            sink = ref()
-            if sink is None or sink._pid != pid or sink._ring is None:
-                return
-            now = time.monotonic()
-            try:
-                ring = sink._ring
-                busy = ring.peek()[2] > 0 or notices.pending(ring, sink._dir, sink._source)
-                if busy and now >= sink._next_check:
-                    sink._check(now)
-            except (ValueError, OSError):  # the ring was closed under us
-                return
-            del sink
-            if busy:
-                idle_since = now
-            elif now - idle_since >= WATCH_IDLE_EXIT:
-                return
-    finally:
-        sink = ref()
-        if sink is not None and sink._watch_pid == pid:
-            sink._watch_pid = -1  # the next check starts another
+class _Watch:
+    """The watch (see the module docstring): a feeder of the engine whose job, every
+    :data:`CHECK_EVERY` seconds, is the liveness check while the ring holds records.
+    Holds the sink only weakly; done when the sink is gone, retired or belongs to
+    another pid, when told (``stop_threads``), or after :data:`WATCH_IDLE_EXIT` seconds
+    of an empty ring."""
+
+    def __init__(self, sink: SharedSink) -> None:
+        self._sink = weakref.ref(sink)
+        self.pid = sink._pid
+        self.done = False
+        self._next = self._idle_since = time.monotonic()
+        self._next += CHECK_EVERY
+
+    def next_job(self, now: float) -> Tuple[Optional[Callable[[], None]], Optional[float]]:
+        """See :class:`cdpmp._senders.Feeder`; asked under the engine's lock: no I/O here."""
+        sink = self._sink()
+        if self.done or sink is None or sink._pid != self.pid or sink._ring is None:
+            self.done = True
+            return None, None  # holds nothing: the engine drops it
+        if now < self._next:
+            return None, self._next - now
+        self._next = now + CHECK_EVERY
+        return self._tick, CHECK_EVERY
+
+    def _tick(self) -> None:
+        sink = self._sink()
+        if sink is None or sink._ring is None:
+            self.done = True
+            return
+        now = time.monotonic()
+        try:
+            ring = sink._ring
+            busy = ring.peek()[2] > 0 or notices.pending(ring, sink._dir, sink._source)
+            if busy and now >= sink._next_check:
+                sink._check(now)
+        except (ValueError, OSError):  # the ring was closed under us
+            self.done = True
+            return
+        if busy:
+            self._idle_since = now
+        elif now - self._idle_since >= WATCH_IDLE_EXIT:
+            self.done = True
+
+    def rest(self) -> None:
+        """No socket of its own."""
 
 
 def _create_time(pid: int) -> float:
