@@ -61,8 +61,9 @@ import time
 from typing import Any, Callable, Deque, List, Optional, Sized, Tuple
 
 from ._lane import HOLD, MIN_WAIT, NETWORK_BOUND, STEP_GAIN, Lane
+from ._option_table import Settings
 from ._outcome import internal_error
-from ._transport import Attempt, Transport, send_splitting
+from ._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES, Attempt, Transport, send_splitting
 from .errors import DeliveryError
 
 __all__ = [
@@ -85,6 +86,19 @@ class Held:
     items: List[Any]  # payloads (direct mode) or ring records (the uploader)
     retries: int = 0
     first_failed: float = 0.0
+
+
+#: Bytes of events one request carries: the body's limit less its envelope.
+BATCH_ROOM = MAX_BATCH_BYTES - ENVELOPE_BYTES
+
+
+def due(events: int, cut: bool, waited: float, settings: Settings) -> bool:
+    """THE rule for when a batch is due, beside the batcher: it is full (``upload_size``
+    events, or ``cut``: the request's room leaves events behind) or its oldest event
+    has waited ``upload_interval`` seconds. Direct mode asks before taking a batch (its
+    queue's count, and bytes past :data:`BATCH_ROOM`), the uploader after taking one
+    (whether the batcher left events behind). A flush, a stop or a drain sends anyway."""
+    return events >= settings.upload_size or cut or waited >= settings.upload_interval
 
 
 def take_batch(

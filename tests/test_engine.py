@@ -362,3 +362,28 @@ def test_a_client_used_after_a_shutdown_that_abandoned_a_request_sends_again(col
         assert "after" in collector.unique_ids()
     finally:
         client.shutdown(timeout=5)
+
+
+@pytest.mark.parametrize("mode", ["direct", "shared"])
+def test_a_batch_full_by_bytes_goes_without_waiting_for_its_interval(
+    mode: str, collector: Collector, request: pytest.FixtureRequest
+) -> None:
+    # 20 events of 30 KB, far fewer than upload_size, but more than one request's room
+    # (cdpmp._engine.BATCH_ROOM, ≈500 KB): the due rule's "cut" half sends a batch now,
+    # in direct mode (the queue's bytes) as in the uploader (what the batcher left), long
+    # before the 60 s interval. The rest waits for it, until the flush.
+    if mode == "shared":
+        request.getfixturevalue("runtime_dir")
+    client = cdpmp.Client(
+        collector.write_key, endpoint=collector.url, mode=mode, upload_interval=60.0, upload_size=100
+    )
+    try:
+        blob = "x" * 30_000
+        for i in range(20):
+            assert client.track("u", "Big", {"blob": blob}, message_id=f"big-{i}")[0]
+        assert collector.wait_for(10, timeout=30), collector.message_ids()
+        assert client.flush(timeout=30)
+        assert sorted(collector.message_ids()) == sorted(f"big-{i}" for i in range(20))
+        assert collector.summary()["requests"] >= 2
+    finally:
+        client.shutdown(timeout=10)

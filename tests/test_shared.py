@@ -384,3 +384,16 @@ def test_debug_in_shared_mode_logs_each_batch_in_the_uploaders_log_and_says_wher
         assert said == [f"cdpmp: shared mode: the uploader sends; its line per batch is in {log}"]
     finally:
         client.shutdown(timeout=5)
+
+
+def test_flush_sends_now_whatever_the_interval(runtime_dir: str, collector: Collector) -> None:
+    # As direct mode's flush() does: the uploader is asked (the ring header's flush_to)
+    # to send what was in the ring at the call, not at the source's 60 s interval.
+    client = _shared(collector, upload_interval=60.0)
+    try:
+        for i in range(3):
+            assert client.track("u", "E", message_id=f"f-{i}")[0]
+        assert client.flush(timeout=20)
+        assert sorted(collector.message_ids()) == ["f-0", "f-1", "f-2"]
+    finally:
+        client.shutdown(timeout=5)

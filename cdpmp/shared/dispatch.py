@@ -24,13 +24,12 @@ import threading
 import time
 from typing import Deque, Dict, List, Optional, Set, Tuple
 
-from .._engine import Held, Outcome, backlogged, deliver, settle, take_batch
+from .._engine import BATCH_ROOM, Held, Outcome, backlogged, deliver, due, settle, take_batch
 from .._lane import RequestRate
 from .._options import host_settings
 from .._outcome import internal_error
 from .._retry import RetryPolicy
 from .._senders import engine
-from .._transport import ENVELOPE_BYTES, MAX_BATCH_BYTES
 from ..errors import DeliveryError
 from . import holding, sources
 from .files import append_dead_letter
@@ -49,7 +48,6 @@ ORPHAN_GRACE = 30.0  # seconds a record of a source missing from sources.json is
 WINDOW_RECORDS = 5000
 WINDOW_BYTES = 4 << 20
 MAX_RECORDS_READ = 200_000  # records held in memory at most (the host limit is lower)
-_ROOM = MAX_BATCH_BYTES - ENVELOPE_BYTES
 
 
 class Dispatch:
@@ -228,16 +226,18 @@ class Dispatch:
         alone: the others' records are read and sent past its backlog)."""
         started = False
         seen = self.window.seen
+        flush_to = self.ring.header.flush_to()  # a producer's flush(): due now
         order = list(self.window.pending.items())
         if len(order) > 1:  # each source goes first in turn: a paced host serves them all
             self._turn = (self._turn + 1) % len(order)
             order = order[self._turn :] + order[: self._turn]
         for sid, pending in order:
             settings, lane = self._sources[sid].settings, self._sources[sid].lane
-            due = draining or now - seen.get(sid, now) >= settings.upload_interval
+            waited = now - seen.get(sid, now)
+            urgent = draining or (bool(pending) and pending[0].start < flush_to)
             while pending and lane.slots(now) > 0:
-                batch, _ = take_batch(pending, settings.upload_size, _ROOM, _payload_size)
-                if len(batch) < settings.upload_size and not pending and not due:
+                batch, _ = take_batch(pending, settings.upload_size, BATCH_ROOM, _payload_size)
+                if not urgent and not due(len(batch), bool(pending), waited, settings):
                     pending.extendleft(reversed(batch))  # not full, not due: let it fill
                     break
                 if not self._rate.take():  # the host's request rate (uploader_max_rate)

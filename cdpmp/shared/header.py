@@ -22,6 +22,7 @@ from .layout import (
     ERROR_AT,
     ERROR_LEN,
     F64,
+    FLUSH_TO_AT,
     HEAD_TAIL_COUNT,
     SLOT,
     SLOTS,
@@ -96,6 +97,17 @@ class RingHeader:
             store(self.mm, SPAWN_AT, F64, now)
             self.bump_locked("spawns")
             return True
+
+    def ask_flush(self, upto: int) -> None:
+        """A producer's ``flush()``: records before offset ``upto`` are due now (the
+        uploader sends them whatever their interval). Only ever raised."""
+        with self._locked(0.5):
+            if U64.unpack_from(self.mm, FLUSH_TO_AT)[0] < upto:
+                store(self.mm, FLUSH_TO_AT, U64, upto)
+
+    def flush_to(self) -> int:
+        """The offset before which records are due now (an aligned word: no lock)."""
+        return int(U64.unpack_from(self.mm, FLUSH_TO_AT)[0])
 
     def bump_locked(self, name: str, n: int = 1) -> None:
         """Add ``n`` to the counter ``name``; the caller holds the ring's locks."""

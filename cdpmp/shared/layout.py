@@ -15,7 +15,8 @@ Header (``HEADER_SIZE`` = 4096 bytes)::
     32   Q   head: offset of the oldest record not yet acknowledged
     40   Q   tail: offset where the next record goes
     48   Q   count: records between head and tail
-    56   Q   reserved
+    56   Q   flush_to: a producer's ``flush()`` asked that records before this offset
+         be sent now, whatever their interval (0: none; zero "reserved" before)
     64   12Q counters (COUNTERS, in that order; the last was zero "reserved" before)
     160  Q   uploader pid        168 d uploader create time (psutil)
     176  d   uploader heartbeat (time.time())
@@ -104,6 +105,7 @@ ACCEPTED_AT = COUNTERS_AT  # "accepted" is the first counter
 U64 = struct.Struct("<Q")
 UPLOADER = struct.Struct("<Qdd")  # pid, create time, heartbeat at 160
 SPAWN_AT = 184
+FLUSH_TO_AT = 56
 ERROR_AT, ERROR_LEN = 192, 256
 SLOTS, SLOTS_AT = 64, 448
 SLOT = struct.Struct("<Qd")

@@ -243,6 +243,10 @@ class SharedSink:
             ring = self._carry_over(ring)
         deadline = time.monotonic() + timeout
         _, target, _ = ring.peek()
+        try:  # sent now, as direct mode's flush() sends, not at their interval
+            ring.header.ask_flush(target)
+        except OSError:  # RingBusy: they go at their interval; the wait below holds
+            pass
         next_check = 0.0
         while True:
             if ring.peek()[0] >= target or ring.held_by(self._source) == 0:
