@@ -310,8 +310,8 @@ class _Watch:
         self._sink = weakref.ref(sink)
         self.pid = sink._pid
         self.done = False
-        self._next = self._idle_since = time.monotonic()
-        self._next += CHECK_EVERY
+        self._idle_since = time.monotonic()
+        self._next = self._idle_since + CHECK_EVERY
 
     def next_job(self, now: float) -> Tuple[Optional[Callable[[], None]], Optional[float]]:
         """See :class:`cdpmp._senders.Feeder`; asked under the engine's lock: no I/O here."""
